@@ -1,0 +1,69 @@
+"""BitNet b1.58 quantization math (W1.58A8), in one place.
+
+Weights, per tensor (absmean):    s = max(mean|W|, 1e-5),   q(W) = clamp(round(W / s), -1, 1) · s
+Activations, per token (absmax):  a = 127 / max(max_j |x_j|, 1e-5),
+                                  q(x) = clamp(round(x · a), -128, 127) / a
+λ-blend with a straight-through estimator (STE):
+                                  blend(t, λ) = t + λ · (q(t) − t).detach()
+The forward value is lerp(t, q(t), λ), exact at both ends (λ=0 gives t, λ=1 gives q(t) bit for
+bit); the gradient with respect to t is the identity, as the detach in the formula says.
+
+The arithmetic (float32, multiply by 1/s then divide by 1/s) is the same as transformers'
+`integrations/bitnet.py` AutoBitLinear, so a λ=1 bitft model and stock transformers agree
+bit for bit in eager mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-5
+ACT_QMAX = 127
+ACT_QMIN = -128
+
+
+def weight_scale(w: torch.Tensor) -> torch.Tensor:
+    """The absmean scale s = max(mean|W|, 1e-5), a float32 scalar tensor."""
+    return w.detach().float().abs().mean().clamp(min=EPS)
+
+
+def ternarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer codes {-1, 0, 1} (int8) of W and their scale s, with q(W) = codes · s."""
+    inv = 1.0 / weight_scale(w)
+    codes = (w.detach().float() * inv).round().clamp(-1, 1)
+    return codes.to(torch.int8), 1.0 / inv
+
+
+def quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    """q(W): ternary values times one absmean scale, in W's dtype (no gradient)."""
+    wf = w.detach().float()
+    inv = 1.0 / wf.abs().mean().clamp(min=EPS)
+    return ((wf * inv).round().clamp(-1, 1) / inv).to(w.dtype)
+
+
+def quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """q(x): symmetric int8 per token (last dimension), dequantized to x's dtype (no gradient)."""
+    xf = x.detach().float()
+    scale = ACT_QMAX / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return ((xf * scale).round().clamp(ACT_QMIN, ACT_QMAX) / scale).to(x.dtype)
+
+
+class _STEBlend(torch.autograd.Function):
+    """Forward lerp(t, q, λ); backward the identity to t (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, q: torch.Tensor, lam: float) -> torch.Tensor:
+        if lam == 1.0:
+            return q
+        return torch.lerp(t, q, lam)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def blend(t: torch.Tensor, q: torch.Tensor, lam: float) -> torch.Tensor:
+    """t + λ·(q − t).detach(), computed so that both ends are exact."""
+    if lam == 0.0:
+        return t
+    return _STEBlend.apply(t, q, lam)
