@@ -98,7 +98,9 @@ def main(argv=None) -> dict:
                "engine": trainer.accelerator.distributed_type.value}
 
     # 5. held-out perplexity of the ternary model (λ=1) before training, on a fresh start
-    if eval_set and resume is None:
+    # (the Trainer cannot evaluate a DeepSpeed ZeRO-1/2 model before training starts)
+    zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
+    if eval_set and resume is None and zero_stage in (None, 3):
         results["before"] = evaluate_at_lambda(trainer, 1.0)
 
     # 6. train (resuming where a killed run stopped)
