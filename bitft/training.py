@@ -234,7 +234,26 @@ class NonFiniteLossError(RuntimeError):
 
 
 class BitftTrainerMixin:
-    """Mix into a Trainer class (first base): non-finite loss guard + callback log extras."""
+    """Mix into a Trainer class (first base): non-finite loss guard, callback log extras, eval λ.
+
+    `eval_lambda`: when set (e.g. 1.0), every evaluation runs at that λ and puts the training λ
+    back afterwards, so that held-out figures during a λ warmup are those of the ternary model.
+    Evaluation logs also get `<prefix>_perplexity` = exp(`<prefix>_loss`).
+    """
+
+    eval_lambda: float | None = None
+
+    def evaluate(self, *args, **kwargs):
+        if self.eval_lambda is None:
+            return super().evaluate(*args, **kwargs)
+        from bitft.surgery import get_lambda, set_lambda
+
+        before = get_lambda(self.model)
+        set_lambda(self.model, self.eval_lambda)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            set_lambda(self.model, before)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -251,6 +270,10 @@ class BitftTrainerMixin:
             for cb in self.callback_handler.callbacks:
                 if hasattr(cb, "log_extras"):
                     logs.update(cb.log_extras(self.state))
+        for key in [k for k in logs if k.startswith("eval") and k.endswith("_loss")]:
+            logs[key[:-5] + "_perplexity"] = math.exp(logs[key]) if logs[key] < 700 else float("inf")
+            if self.eval_lambda is not None:
+                logs[key[:-5] + "_lambda"] = self.eval_lambda
         return super().log(logs, start_time)
 
 
@@ -342,19 +365,3 @@ def setup_wandb(args, project: str = "bitft") -> None:
         if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
             os.environ["WANDB_MODE"] = "offline"
             logger.warning("no wandb login found: logging offline (sync later with `wandb sync %s/wandb`)", os.getcwd())
-
-
-def evaluate_at_lambda(trainer, lam: float = 1.0, prefix: str = "eval_lambda1") -> dict:
-    """Held-out loss and perplexity with λ set to LAM (then put back)."""
-    from bitft.surgery import get_lambda, set_lambda
-
-    model = trainer.model
-    before = get_lambda(model)
-    set_lambda(model, lam)
-    try:
-        metrics = trainer.evaluate(metric_key_prefix=prefix)
-    finally:
-        set_lambda(model, before)
-    loss = metrics[f"{prefix}_loss"]
-    metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 700 else float("inf")
-    return metrics

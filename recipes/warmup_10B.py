@@ -18,6 +18,7 @@ Relaunching the same command after a crash or kill -9 resumes from the newest co
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -32,7 +33,7 @@ from bitft.checkpoint import BitftError, load_source
 from bitft.data import DataArguments, DataError, build_datasets
 from bitft.schedule import LambdaArguments, LambdaCallback
 from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
-                            ThroughputCallback, evaluate_at_lambda, install_progress, logger, model_source, parse_config,
+                            ThroughputCallback, install_progress, logger, model_source, parse_config,
                             resume_checkpoint, setup_logging, setup_wandb, train)
 
 
@@ -97,13 +98,11 @@ def main(argv=None) -> dict:
     results = {"tokens_per_step": tokens_per_step, "world_size": args.world_size,
                "engine": trainer.accelerator.distributed_type.value}
 
-    # 5. held-out perplexity of the ternary model (λ=1) before training, on a fresh start
-    # (the Trainer cannot evaluate a DeepSpeed ZeRO-1/2 model before training starts)
-    zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
-    if eval_set and resume is None and zero_stage in (None, 3):
-        results["before"] = evaluate_at_lambda(trainer, 1.0)
-
-    # 6. train (resuming where a killed run stopped)
+    # 5. train (resuming where a killed run stopped); evaluations run at λ=1, the first one
+    #    before the first step on a fresh start
+    trainer.eval_lambda = 1.0
+    if eval_set and resume is None:
+        trainer.args.eval_on_start = True
     if resume is not None:
         logger.info("resuming from %s", resume)
     t0 = time.perf_counter()
@@ -111,10 +110,14 @@ def main(argv=None) -> dict:
     results.update(steps=trainer.state.global_step, tokens=trainer.state.global_step * tokens_per_step,
                    train_minutes=round((time.perf_counter() - t0) / 60, 2), train_loss=out.training_loss,
                    lambda_final=lambda_cb.current)
+    start = [h for h in trainer.state.log_history if h.get("step") == 0 and "eval_perplexity" in h]
+    if start:
+        results["before"] = start[0]
 
-    # 7. held-out perplexity after, and the final converted checkpoint (loads with from_pretrained)
+    # 6. held-out λ=1 perplexity after, and the final converted checkpoint (loads with from_pretrained)
     if eval_set:
-        results["after"] = evaluate_at_lambda(trainer, 1.0)
+        results["after"] = trainer.evaluate()
+        results["after"]["eval_perplexity"] = math.exp(results["after"]["eval_loss"])
     bitft.set_lambda(trainer.model, schedule(trainer.state.global_step))
     trainer.save_model(args.output_dir)
     trainer.save_state()
@@ -127,7 +130,7 @@ def main(argv=None) -> dict:
 
 def report(r: dict) -> None:
     def ppl(key):
-        return f"{r[key]['eval_lambda1_perplexity']:.4g}" if key in r else "-"
+        return f"{r[key]['eval_perplexity']:.4g}" if key in r else "-"
 
     print(f"\nsteps {r['steps']}  tokens {r['tokens']:,}  minutes {r['train_minutes']}  "
           f"final λ {r['lambda_final']}  processes {r['world_size']} ({r['engine']})\n"
