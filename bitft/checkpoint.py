@@ -165,6 +165,9 @@ def atomic_dir(out: Path, overwrite: bool = False):
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers (tempfile + rename) leave files private
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(old / "x")
@@ -178,8 +181,11 @@ def atomic_dir(out: Path, overwrite: bool = False):
 
 
 def convert_checkpoint(source: str, output: str | os.PathLike, *, lam: float = 1.0, targets=None, exclude=None,
-                       subln: bool = False, overwrite: bool = False) -> dict:
-    """`bitft convert`: SOURCE -> converted checkpoint in OUTPUT. Returns a summary dict."""
+                       subln: bool = False, overwrite: bool = False, gguf_dtype=torch.float32) -> dict:
+    """`bitft convert`: SOURCE -> converted checkpoint in OUTPUT. Returns a summary dict.
+
+    gguf_dtype: the dtype a GGUF source is dequantized to (a safetensors folder keeps its own).
+    """
     try:
         lam = check_lambda(lam)
     except ValueError as e:
@@ -189,7 +195,7 @@ def convert_checkpoint(source: str, output: str | os.PathLike, *, lam: float = 1
     path = resolve_source(source)
     with atomic_dir(out, overwrite) as tmp:
         if path.is_file():
-            model, tokenizer = load_gguf(path)
+            model, tokenizer = load_gguf(path, gguf_dtype)
             _convert(model, source, lam, targets, exclude, subln)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

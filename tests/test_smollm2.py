@@ -1,0 +1,69 @@
+"""The claims that tiny random models cannot prove, on the real SmolLM2-135M-Instruct."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import bitft
+from bitft.checkpoint import convert_checkpoint
+from bitft.evaluate import perplexity, token_windows
+from conftest import DATA
+
+pytestmark = pytest.mark.smollm2
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def windows(smollm2):
+    _, tokenizer = smollm2
+    return token_windows(tokenizer, (DATA / "eval" / "wikitext2_test.raw").read_text(), seqlen=512, limit=2)
+
+
+def fresh(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_lambda_zero_is_smollm2_bit_for_bit_and_lambda_one_is_ternary(smollm2, smollm2_folder, windows):
+    original, _ = smollm2
+    with torch.no_grad():
+        ref = original(windows).logits
+    model = bitft.convert_model(fresh(smollm2_folder), lam=0.0)
+    assert len(bitft.surgery.bit_linears(model)) == 30 * 7
+    with torch.no_grad():
+        assert torch.equal(model(windows).logits, ref)
+    ppl0 = perplexity(model, windows)
+    bitft.set_lambda(model, 1.0)
+    ppl1 = perplexity(model, windows)
+    # ~20 for the real model; untrained ternary is close to noise over a 49k vocabulary (1e7-1e8 measured)
+    assert 10 < ppl0 < 40
+    assert ppl1 > 1e4
+
+
+def test_convert_the_shipped_gguf_and_stock_transformers_agrees(smollm2_gguf, tmp_path):
+    out = tmp_path / "smol-bitnet"
+    summary = convert_checkpoint(str(smollm2_gguf), out)
+    assert len(summary["converted"]) == 210 and summary["lambda"] == 1.0
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and "<|im_start|>" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, HERE / "stock_logits.py", out, tmp_path / "ids.pt", tmp_path / "stock.pt"],
+                   check=True, cwd=tmp_path)
+    stock = torch.load(tmp_path / "stock.pt")
+    with torch.no_grad():
+        ours = fresh(out)(ids).logits
+    assert stock["linear_classes"] == ["AutoBitLinear", "Linear"]
+    assert torch.equal(stock["logits"], ours)
+
+
+def test_folder_conversion_copies_without_loading(smollm2_folder, tmp_path):
+    out = tmp_path / "fast"
+    summary = convert_checkpoint(str(smollm2_folder), out, lam=0.0)
+    assert summary["how"].startswith("safetensors shards copied")
+    assert (out / "model.safetensors").stat().st_size == (smollm2_folder / "model.safetensors").stat().st_size
+    assert (out / "tokenizer.json").is_file()
