@@ -45,6 +45,8 @@ def load_model(model_args: ModelArguments, lam: float):
     """(model, tokenizer): a bitft checkpoint as saved, anything else converted on the fly at λ."""
     dtype = getattr(torch, model_args.torch_dtype)
     model, tokenizer = load_source(model_source(model_args.model_name_or_path), dtype=dtype)
+    if getattr(model, "hf_quantizer", None) is None and getattr(model, "is_quantized", False):
+        model.is_quantized = False  # a GGUF comes out dequantized; the Trainer would refuse a "quantized" model
     if getattr(model.config, "bitft", None):
         logger.info("loaded bitft checkpoint %s (%d BitLinear layers)", model_args.model_name_or_path,
                     len(model.config.bitft["modules"]))
