@@ -43,6 +43,14 @@ def _info(args) -> None:
     print(_table(describe_checkpoint(args.checkpoint)))
 
 
+def _export(args) -> None:
+    if args.packed:
+        from bitft.export.packed import export_packed
+
+        rows = export_packed(args.checkpoint, args.output, overwrite=args.overwrite, merge_lora=args.merge_lora)
+        print(_table([("output", args.output), *rows]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitft", description="Turn Hugging Face causal LMs into BitNet b1.58 models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype a GGUF source is dequantized to (a safetensors folder keeps its own; default float32)")
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     c.set_defaults(func=_convert)
+
+    e = sub.add_parser("export", help="write a λ=1 checkpoint as a packed 2-bit model")
+    e.add_argument("checkpoint", help="a folder written by `bitft convert` or a training run, at λ=1")
+    fmt = e.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--packed", action="store_true", help="transformers' BitNet format (uint8, 4 weights a byte)")
+    e.add_argument("--output", "-o", required=True, help="folder to write (new or empty unless --overwrite)")
+    e.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the master weights first")
+    e.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    e.set_defaults(func=_export)
 
     i = sub.add_parser("info", help="print what a checkpoint is, as a table")
     i.add_argument("checkpoint", help="checkpoint folder")

@@ -51,7 +51,12 @@ class BitftQuantizer(BitNetHfQuantizer):
             return super()._process_model_before_weight_loading(model, **kwargs)
         if meta.get("version", 0) > FORMAT_VERSION:
             raise ValueError(f"checkpoint written by a newer bitft (format {meta['version']}); upgrade bitft")
-        swap_modules(model, meta["modules"], meta["lambda"], meta["subln"], meta["rms_norm_eps"])
+        # modules the model lacks are skipped: from_pretrained(..., num_hidden_layers=k) truncates
+        present = {n for n, _ in model.named_modules()}
+        names = [n for n in meta["modules"] if n in present]
+        if not names:
+            raise ValueError(f"none of the {len(meta['modules'])} converted modules recorded in config.json exist in the model")
+        swap_modules(model, names, meta["lambda"], meta["subln"], meta["rms_norm_eps"])
 
     @property
     def is_trainable(self) -> bool:

@@ -67,3 +67,18 @@ def blend(t: torch.Tensor, q: torch.Tensor, lam: float) -> torch.Tensor:
     if lam == 0.0:
         return t
     return _STEBlend.apply(t, q, lam)
+
+
+# 2-bit packing, transformers' BitNet layout: code = value + 1 in {0, 1, 2}; the rows are cut into
+# four contiguous blocks of out/4 rows, and block i sits in bits 2i..2i+1 of each byte.
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """int codes in {-1, 0, 1}, shape [out, ...] with out % 4 == 0 -> uint8 [out/4, ...]."""
+    if codes.shape[0] % 4:
+        raise ValueError(f"cannot pack {codes.shape[0]} rows: the packed format needs a multiple of 4")
+    u = (codes.to(torch.int16) + 1).to(torch.uint8).reshape(4, codes.shape[0] // 4, *codes.shape[1:])
+    return u[0] | (u[1] << 2) | (u[2] << 4) | (u[3] << 6)
+
+
+def unpack_ternary(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out/4, ...] -> int8 codes in {-1, 0, 1}, shape [out, ...]."""
+    return torch.cat([(packed >> (2 * i)) & 3 for i in range(4)]).to(torch.int8) - 1

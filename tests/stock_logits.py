@@ -1,5 +1,6 @@
-"""Run by tests in a fresh process: load a checkpoint with stock transformers only (no bitft import)
-and save its logits for the given token ids.  usage: stock_logits.py CHECKPOINT TOKENS.pt OUT.pt"""
+"""Run by tests in a fresh process: load a checkpoint with stock transformers only (no bitft import),
+save its logits for the given token ids and, optionally, N greedy tokens.
+usage: stock_logits.py CHECKPOINT TOKENS.pt OUT.pt [N_NEW_TOKENS [NUM_HIDDEN_LAYERS]]"""
 
 import os
 import sys
@@ -9,9 +10,13 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 ckpt, tokens, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+new = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+truncate = {"num_hidden_layers": int(sys.argv[5])} if len(sys.argv) > 5 else {}
+model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, **truncate).eval()
 assert "bitft" not in sys.modules, "bitft was imported"
-layers = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)})
+layers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Linear")})
+ids = torch.load(tokens)
 with torch.no_grad():
-    logits = model(torch.load(tokens)).logits
-torch.save({"logits": logits, "linear_classes": layers}, out)
+    logits = model(ids).logits
+    greedy = model.generate(ids, max_new_tokens=new, do_sample=False)[:, ids.shape[1]:] if new else None
+torch.save({"logits": logits, "linear_classes": layers, "greedy": greedy}, out)

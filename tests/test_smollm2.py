@@ -67,3 +67,33 @@ def test_folder_conversion_copies_without_loading(smollm2_folder, tmp_path):
     assert summary["how"].startswith("safetensors shards copied")
     assert (out / "model.safetensors").stat().st_size == (smollm2_folder / "model.safetensors").stat().st_size
     assert (out / "tokenizer.json").is_file()
+
+
+def test_packed_export_of_smollm2_loads_in_stock_transformers(smollm2_folder, windows, tmp_path):
+    from bitft.export.packed import export_packed
+
+    ckpt = tmp_path / "ternary"
+    convert_checkpoint(str(smollm2_folder), ckpt)  # λ=1, shards copied
+    rows = dict(export_packed(ckpt, tmp_path / "packed"))
+    assert rows["bits per linear weight"] == "2.000"
+    ids = windows[:1, :64]
+    torch.save(ids, tmp_path / "ids.pt")
+    for layers in (1, 2, 30):
+        subprocess.run([sys.executable, HERE / "stock_logits.py", tmp_path / "packed", tmp_path / "ids.pt",
+                        tmp_path / "stock.pt", "0", str(layers)], check=True, cwd=tmp_path)
+        stock = torch.load(tmp_path / "stock.pt")
+        with torch.no_grad():
+            ours = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, num_hidden_layers=layers)(ids).logits
+        diff = (stock["logits"] - ours).abs()
+        agree = (stock["logits"].argmax(-1) == ours.argmax(-1)).float().mean().item()
+        tokens_exact = (diff.amax(-1) < 1e-3).float().mean().item()
+        print(f"layers {layers}: max diff {diff.max():.2e}, median {diff.median():.2e}, "
+              f"tokens within 1e-3 {tokens_exact:.2f}, argmax agree {agree:.2f}")
+        # Stock does the integer matmul and divides once; bitft multiplies dequantized values. The
+        # ~1e-7 apart sometimes puts an activation on the other side of an int8 rounding step, and
+        # untrained ternary SmolLM2 amplifies that with depth (measured: 1 layer 0.97 of tokens
+        # within 1e-3, argmax 1.00; 2 layers 0.72 / 0.98; 30 layers 0.00 / 0.92).
+        if layers <= 2:
+            assert diff.median() < 1e-4 and tokens_exact > 0.5 and agree >= 0.95
+        else:
+            assert agree >= 0.8
