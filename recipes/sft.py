@@ -1,0 +1,125 @@
+"""accelerate launch recipes/sft.py --config configs/sft.yaml
+
+Supervised fine-tuning of a BitNet b1.58 model (a `bitft convert` or warmup output) on chat data
+with TRL's SFTTrainer, BitLinear at λ=1 throughout: the second stage of BitNet b1.58 2B4T.
+Keys are the fields of ModelArguments, ChatDataArguments, LoraArguments (bitft) and TRL's SFTConfig,
+parsed by TRL's TrlParser: flags override the YAML (--output_dir, --max_steps, ...), unknown keys
+are errors.
+
+The 2-core CPU demo (SmolLM2-135M after the warmup demo, a few minutes):
+
+    accelerate launch --cpu --num_processes 1 recipes/sft.py --config configs/demo/sft.yaml
+
+    bitft checkpoint ─▶ λ=1 policy [+ LoRA] ─▶ chat rows (template from the tokenizer) ─▶ SFTTrainer
+                     ─▶ checkpoints (marked complete) ─▶ held-out loss before/after ─▶ checkpoint (or adapters)
+
+Relaunching the same command resumes from the newest complete checkpoint. A NaN/inf loss stops
+the run with its state saved. With use_peft the output folder holds adapters; `bitft export
+--packed --merge-lora` merges them into the master weights and re-ternarizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU; see FACTS
+
+from transformers import set_seed
+from trl import SFTTrainer
+
+import bitft
+from bitft.chat import (ChatDataArguments, ChatDataError, LoraArguments, BitSFTConfig, apply_template_source,
+                        build_datasets, lambda_callback, load_policy, lora_config, merged_evaluate,
+                        parse_trl_config, require_chat_template, resolve_assistant_only)
+from bitft.checkpoint import BitftError
+from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
+                            logger, resume_checkpoint, setup_logging, setup_wandb, train)
+
+
+class BitSFTTrainer(BitftTrainerMixin, SFTTrainer):
+    """TRL's SFTTrainer, with bitft's NaN/inf guard and λ in its logs."""
+
+
+def main(argv=None) -> dict:
+    # 1. configuration: YAML, then flags (TRL's parser)
+    model_args, data_args, lora_args, args = parse_trl_config((ModelArguments, ChatDataArguments, LoraArguments, BitSFTConfig), argv)
+    if not args.output_dir:
+        raise ConfigError("output_dir is required")
+    setup_logging(args)
+    setup_wandb(args)
+    resume = resume_checkpoint(args.output_dir, True if args.resume_from_checkpoint is None else args.resume_from_checkpoint,
+                               is_main=args.process_index == 0)
+    set_seed(args.seed)
+
+    # 2. model at λ=1 and its chat template
+    model, tokenizer, is_checkpoint = load_policy(model_args)
+    apply_template_source(tokenizer, args.chat_template_path)
+    args.chat_template_path = None  # applied above: TRL would also clone tokens from a tokenizer folder
+    require_chat_template(tokenizer, model_args.model_name_or_path)
+    peft_config = lora_config(lora_args, model, is_checkpoint)
+
+    # 3. data: chat rows, a held-out slice, assistant-only loss where the template allows it
+    train_set, eval_set = build_datasets(data_args, "chat", seed=args.data_seed if args.data_seed is not None else args.seed)
+    args.assistant_only_loss, train_set, eval_set, how = resolve_assistant_only(
+        tokenizer, train_set, eval_set, args.assistant_only_loss, data_args.assistant_only_fallback)
+    logger.info("SFT on %d conversations (%d held out); %s", len(train_set), len(eval_set) if eval_set else 0, how)
+
+    # 4. the trainer: λ held at 1, checkpoints marked complete
+    trainer = BitSFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                            processing_class=tokenizer, peft_config=peft_config,
+                            callbacks=[lambda_callback(), CheckpointMarker()])
+    trainer.eval_lambda = 1.0
+    results = {"stage": "sft", "loss_on": how, "lora": peft_config is not None, "world_size": args.world_size,
+               "train_rows": len(train_set), "eval_rows": len(eval_set) if eval_set else 0}
+
+    # 5. train (resuming where a killed run stopped); held-out loss before the first step on a fresh start
+    if eval_set is not None and resume is None:
+        trainer.args.eval_on_start = True
+    if resume is not None:
+        logger.info("resuming from %s", resume)
+    t0 = time.perf_counter()
+    out = train(trainer, resume)
+    results.update(steps=trainer.state.global_step, train_minutes=round((time.perf_counter() - t0) / 60, 2),
+                   train_loss=out.training_loss, lambda_final=bitft.get_lambda(trainer.model))
+    start = [h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h]
+    if start:
+        results["before"] = start[0]
+
+    # 6. held-out loss after; save (full checkpoint, or adapters naming the checkpoint as base)
+    if eval_set is not None:
+        results["after"] = trainer.evaluate()
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+    if eval_set is not None and peft_config is not None:
+        results["after_merged"] = merged_evaluate(trainer)  # what `bitft export --merge-lora` will give
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.output_dir, "sft_results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        report(results)
+    return results
+
+
+def report(r: dict) -> None:
+    def loss(key):
+        return f"{r[key]['eval_loss']:.4f} (ppl {math.exp(r[key]['eval_loss']):.4g})" if r.get(key) else "-"
+
+    line = f"held-out loss: before {loss('before')}  after {loss('after')}"
+    if r.get("after_merged"):
+        line += f"  after LoRA merge + re-ternarize {loss('after_merged')}"
+    print(f"\nSFT steps {r['steps']}  minutes {r['train_minutes']}  λ {r['lambda_final']}  LoRA {r['lora']}  "
+          f"({r['loss_on']})\n{line}", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NonFiniteLossError as e:
+        print(f"sft: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    except (ConfigError, ChatDataError, BitftError) as e:
+        print(f"sft: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
