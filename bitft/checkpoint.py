@@ -320,7 +320,8 @@ def describe_checkpoint(path: str | os.PathLike) -> list[tuple[str, str]]:
         ("path", str(path)),
         ("architecture", f"{(config.get('architectures') or ['?'])[0]} ({config.get('model_type')})"),
         ("layers x hidden", f"{config.get('num_hidden_layers')} x {config.get('hidden_size')}"),
-        ("parameters", f"{params:,} in {len(shards)} safetensors file(s)"),
+        ("parameters", f"{params + 3 * dtypes.get('U8', 0):,} in {len(shards)} safetensors file(s)"
+                       + (" (each uint8 holds 4 weights)" if "U8" in dtypes else "")),
         ("tensor dtypes", ", ".join(f"{k} {v:,}" for k, v in sorted(dtypes.items())) or "-"),
     ]
     if meta:
@@ -332,11 +333,15 @@ def describe_checkpoint(path: str | os.PathLike) -> list[tuple[str, str]]:
             ("activations", "int8 absmax per token"),
             ("SubLN", f"on (eps {meta['rms_norm_eps']:g})" if meta["subln"] else "off"),
         ]
+    elif config.get("bitft_export"):
+        rows.append(("packed export", f"{config['bitft_export']['converted_layers']} ternary layers, uint8 4 a byte "
+                                      "+ weight_scale (transformers' bitlinear class)"))
     else:
         rows.append(("converted layers", "none: not a bitft checkpoint"))
     if qc:
         rows.append(("quantization_config", ", ".join(f"{k}={qc[k]}" for k in ("quant_method", "linear_class", "quantization_mode", "lambda") if k in qc)))
-        rows.append(("stock transformers", "loads it (AutoBitLinear, online)" if qc.get("quant_method") == "bitnet"
-                     else "warns and loads the full-precision weights; import bitft first"))
+        stock = {"bitnet": f"loads it ({'BitLinear, packed' if qc.get('linear_class') == 'bitlinear' else 'AutoBitLinear, online'})",
+                 "bitft": "warns and loads the full-precision weights; import bitft first"}
+        rows.append(("stock transformers", stock.get(qc.get("quant_method"), "?")))
     rows.append(("bytes on disk", f"{disk:,} ({_human(disk)})"))
     return rows
