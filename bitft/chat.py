@@ -418,7 +418,9 @@ def lambda_callback():
 
 def merged_evaluate(trainer) -> dict | None:
     """Held-out metrics with the LoRA adapters merged into the master weights (which BitLinear re-ternarizes,
-    as `bitft export --merge-lora` does), then unmerged. None when the model has no adapters."""
+    as `bitft export --merge-lora` does), then unmerged. None when the model has no adapters.
+
+    For SFT only: DPO's reference disables the adapters, and peft unmerges merged adapters to do that."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not hasattr(model, "merge_adapter") or trainer.eval_dataset is None:
         return None

@@ -1,0 +1,129 @@
+"""accelerate launch recipes/dpo.py --config configs/dpo.yaml
+
+Direct preference optimization of a BitNet b1.58 model (usually the SFT output) with TRL's
+DPOTrainer, BitLinear at λ=1 throughout: the third stage of BitNet b1.58 2B4T. Keys are the fields
+of ModelArguments, PreferenceDataArguments, LoraArguments (bitft) and TRL's DPOConfig, parsed by
+TRL's TrlParser: flags override the YAML (--output_dir, --max_steps, --beta, ...), unknown keys
+are errors.
+
+The 2-core CPU demo (SmolLM2-135M after the SFT demo, a few minutes):
+
+    accelerate launch --cpu --num_processes 1 recipes/dpo.py --config configs/demo/dpo.yaml
+
+    bitft checkpoint ─▶ λ=1 policy ──────────────┬─▶ DPOTrainer ─▶ checkpoints ─▶ held-out margin/accuracy
+                     └▶ reference: frozen copy ───┘   (with LoRA: the policy with its adapters disabled)
+
+The reference is passed to TRL explicitly: left to itself, TRL rebuilds it from the checkpoint's
+path as a plain model without BitLinear layers. With use_peft (or precompute_ref_log_probs) no
+second copy of the model is kept. Relaunching the same command resumes from the newest complete
+checkpoint; a NaN/inf loss stops the run with its state saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU; see FACTS
+
+from transformers import set_seed
+from trl import DPOTrainer
+from trl.data_utils import is_conversational
+
+import bitft
+from bitft.chat import (BitDPOConfig, ChatDataError, LoraArguments, PreferenceDataArguments, apply_template_source,
+                        build_datasets, frozen_copy, lambda_callback, load_policy, lora_config,
+                        parse_trl_config, require_chat_template)
+from bitft.checkpoint import BitftError
+from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
+                            logger, resume_checkpoint, setup_logging, setup_wandb, train)
+
+KEYS = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_rewards/chosen", "eval_rewards/rejected")
+
+
+class BitDPOTrainer(BitftTrainerMixin, DPOTrainer):
+    """TRL's DPOTrainer, with bitft's NaN/inf guard and λ in its logs."""
+
+
+def main(argv=None) -> dict:
+    # 1. configuration: YAML, then flags (TRL's parser)
+    model_args, data_args, lora_args, args = parse_trl_config(
+        (ModelArguments, PreferenceDataArguments, LoraArguments, BitDPOConfig), argv)
+    if not args.output_dir:
+        raise ConfigError("output_dir is required")
+    setup_logging(args)
+    setup_wandb(args)
+    resume = resume_checkpoint(args.output_dir, True if args.resume_from_checkpoint is None else args.resume_from_checkpoint,
+                               is_main=args.process_index == 0)
+    set_seed(args.seed)
+
+    # 2. policy at λ=1; data (a held-out slice); the chat template where the pairs are conversations
+    model, tokenizer, is_checkpoint = load_policy(model_args)
+    apply_template_source(tokenizer, data_args.chat_template_path)
+    peft_config = lora_config(lora_args, model, is_checkpoint)
+    train_set, eval_set = build_datasets(data_args, "preference", seed=args.data_seed if args.data_seed is not None else args.seed)
+    if is_conversational(train_set[0]):
+        require_chat_template(tokenizer, model_args.model_name_or_path)
+    logger.info("DPO on %d pairs (%d held out), β=%g, %s", len(train_set), len(eval_set) if eval_set else 0, args.beta,
+                "LoRA" if peft_config else "full fine-tuning")
+
+    # 3. the reference: the policy as it starts, frozen, BitLinear included. With LoRA, TRL disables the
+    #    adapters instead (same weights, no copy); with precompute_ref_log_probs it scores the data once
+    #    with the untouched policy before the first step.
+    ref_model = None if peft_config is not None or args.precompute_ref_log_probs else frozen_copy(model)
+
+    trainer = BitDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                            processing_class=tokenizer, peft_config=peft_config,
+                            callbacks=[lambda_callback(), CheckpointMarker()])
+    trainer.eval_lambda = 1.0
+    results = {"stage": "dpo", "lora": peft_config is not None, "beta": args.beta, "world_size": args.world_size,
+               "reference": "adapters disabled" if peft_config is not None else
+               ("precomputed log-probs" if ref_model is None else "frozen copy"),
+               "train_pairs": len(train_set), "eval_pairs": len(eval_set) if eval_set else 0}
+
+    # 4. train (resuming where a killed run stopped); held-out metrics before the first step on a fresh start
+    if eval_set is not None and resume is None:
+        trainer.args.eval_on_start = True
+    if resume is not None:
+        logger.info("resuming from %s", resume)
+    t0 = time.perf_counter()
+    out = train(trainer, resume)
+    results.update(steps=trainer.state.global_step, train_minutes=round((time.perf_counter() - t0) / 60, 2),
+                   train_loss=out.training_loss, lambda_final=bitft.get_lambda(trainer.model))
+    start = [h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h]
+    if start:
+        results["before"] = start[0]
+
+    # 5. held-out metrics after; save (full checkpoint, or adapters naming the checkpoint as base)
+    if eval_set is not None:
+        results["after"] = trainer.evaluate()
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.output_dir, "dpo_results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        report(results)
+    return results
+
+
+def report(r: dict) -> None:
+    print(f"\nDPO steps {r['steps']}  minutes {r['train_minutes']}  λ {r['lambda_final']}  LoRA {r['lora']}  "
+          f"β {r['beta']}  reference: {r['reference']}", flush=True)
+    rows = [k for k in ("before", "after") if r.get(k)]
+    if rows:
+        print("held-out pairs      " + "  ".join(f"{k.split('/')[-1][:11]:>11}" for k in KEYS), flush=True)
+        for k in rows:
+            print(f"{k:<19} " + "  ".join(f"{r[k].get(key, float('nan')):>11.4f}" for key in KEYS), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NonFiniteLossError as e:
+        print(f"dpo: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    except (ConfigError, ChatDataError, BitftError) as e:
+        print(f"dpo: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
