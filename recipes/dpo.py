@@ -37,6 +37,7 @@ from bitft.chat import (BitDPOConfig, ChatDataError, LoraArguments, PreferenceDa
                         build_datasets, frozen_copy, lambda_callback, load_policy, lora_config,
                         parse_trl_config, require_chat_template)
 from bitft.checkpoint import BitftError
+from bitft.surgery import bit_linears
 from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
                             logger, resume_checkpoint, setup_logging, setup_wandb, train)
 
@@ -82,6 +83,7 @@ def main(argv=None) -> dict:
                "reference": "adapters disabled" if peft_config is not None else
                ("precomputed log-probs" if ref_model is None else "frozen copy"),
                "train_pairs": len(train_set), "eval_pairs": len(eval_set) if eval_set else 0}
+    results.update(reference_check(trainer))
 
     # 4. train (resuming where a killed run stopped); held-out metrics before the first step on a fresh start
     if eval_set is not None and resume is None:
@@ -106,6 +108,20 @@ def main(argv=None) -> dict:
             json.dump(results, f, indent=1)
         report(results)
     return results
+
+
+def reference_check(trainer) -> dict:
+    """What the reference is made of: BitLinear layers at λ=1 and nothing trainable in it."""
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.ref_model is not None:
+        ref = trainer.accelerator.unwrap_model(trainer.ref_model)
+        trainable = sum(p.numel() for p in ref.parameters() if p.requires_grad)
+    else:  # LoRA: the policy's base weights (adapters disabled) are the reference; they must be frozen
+        ref = policy
+        trainable = sum(p.numel() for n, p in policy.named_parameters() if p.requires_grad and "lora_" not in n)
+    return {"reference_bitlinear_layers": len(bit_linears(ref)), "reference_lambda": bitft.get_lambda(ref),
+            "reference_trainable_params": trainable, "reference_is_policy_object": ref is policy,
+            "policy_trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad)}
 
 
 def report(r: dict) -> None:
