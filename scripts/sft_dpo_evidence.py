@@ -77,12 +77,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="runs/demo-warmup", help="a bitft checkpoint at λ=1 (the warmup demo's output)")
     p.add_argument("--out", default="runs/sft-dpo-evidence")
-    p.add_argument("--sft-steps", type=int, default=40)
-    p.add_argument("--dpo-steps", type=int, default=30)
+    p.add_argument("--sft-steps", type=int, default=20)
+    p.add_argument("--dpo-steps", type=int, default=15)
     p.add_argument("--sft-lr", type=float, default=1e-4)
     p.add_argument("--sft-lora-lr", type=float, default=1e-3)
     p.add_argument("--dpo-lr", type=float, default=2e-5)
     p.add_argument("--dpo-lora-lr", type=float, default=2e-4)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence (the demo configs say 256)")
+    p.add_argument("--dpo-lora", action="store_true", help="also run DPO with LoRA (and its merged evaluation)")
     a = p.parse_args()
     os.chdir(REPO)
     out = Path(a.out)
@@ -103,6 +105,8 @@ def main():
         "dpo": ("dpo", "configs/demo/dpo.yaml", out / "sft", a.dpo_steps, a.dpo_lr, False),
         "dpo-lora": ("dpo", "configs/demo/dpo.yaml", out / "sft", a.dpo_steps, a.dpo_lora_lr, True),
     }
+    if not a.dpo_lora:
+        del runs["dpo-lora"]
     seconds = {}
     for name, (recipe, config, model, steps, lr, lora) in runs.items():
         results = out / name / f"{recipe}_results.json"
@@ -111,9 +115,9 @@ def main():
         shutil.rmtree(out / name, ignore_errors=True)
         seconds[name] = launch(recipe, config, "--model_name_or_path", str(model), "--output_dir", str(out / name),
                                "--max_steps", str(steps), "--learning_rate", str(lr), "--use_peft", str(lora).lower(),
-                               "--save_steps", str(steps))
+                               "--save_steps", str(steps), "--max_length", str(a.max_length))
     merged_file = out / "dpo-lora" / "merged_eval.json"
-    if not merged_file.is_file():
+    if a.dpo_lora and not merged_file.is_file():
         sys.path.insert(0, str(REPO / "recipes"))
         import importlib.util
 
@@ -121,12 +125,14 @@ def main():
         mod = importlib.util.module_from_spec(spec)
         sys.modules["recipes_dpo"] = mod
         spec.loader.exec_module(mod)
-        merged_file.write_text(json.dumps(dpo_merged_eval(out / "sft", out / "dpo-lora", 32, 42, 256, 0.1), indent=1))
+        merged_file.write_text(json.dumps(dpo_merged_eval(out / "sft", out / "dpo-lora", 32, 42, a.max_length, 0.1), indent=1))
 
     r = {n: json.loads((out / n / f"{runs[n][0]}_results.json").read_text()) for n in runs}
-    r["dpo-lora"]["after_merged"] = json.loads(merged_file.read_text())
+    if a.dpo_lora:
+        r["dpo-lora"]["after_merged"] = json.loads(merged_file.read_text())
 
-    print(f"\nSmolLM2-135M-Instruct BitNet b1.58 (λ=1), from {a.base}; CPU, float32. Held-out: 32 conversations / 32 pairs.\n")
+    print(f"\nSmolLM2-135M-Instruct BitNet b1.58 (λ=1), from {a.base}; CPU, float32, sequences of at most {a.max_length} tokens, "
+          f"batch 4. Held-out: 32 conversations / 32 pairs.\n")
     print("| stage | steps | lr | held-out loss before | after | after LoRA merge + re-ternarize | minutes |")
     print("|---|---|---|---|---|---|---|")
     for n in ("sft", "sft-lora"):
@@ -136,7 +142,7 @@ def main():
               f"{x['after']['eval_loss']:.4f} | {merged} | {x['train_minutes']} |")
     print("\n| stage | steps | lr | | DPO loss | reward margin | preference accuracy | minutes |")
     print("|---|---|---|---|---|---|---|---|")
-    for n in ("dpo", "dpo-lora"):
+    for n in [n for n in ("dpo", "dpo-lora") if n in r]:
         x = r[n]
         for k in ("before", "after", "after_merged"):
             if not x.get(k):
