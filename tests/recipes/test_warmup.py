@@ -195,8 +195,9 @@ def test_checkpoint_discovery(tmp_path):
 def test_nan_loss_stops_with_state_saved(tmp_path, tiny_llama_folder):
     config = tiny_config(tmp_path, tiny_llama_folder, learning_rate=1e30, lr_scheduler_type="constant",
                          save_steps=1000, eval_blocks=0)
-    r = launch(config, expect=3)
-    msg = r.stderr.strip().splitlines()[-1]
+    r = launch(config, expect=None)
+    assert r.returncode != 0  # the recipe exits 3; `accelerate launch` turns any failure into 1
+    msg = next(line for line in r.stderr.splitlines() if line.startswith("warmup_10B: loss is"))
     assert "optimizer step" in msg and "relaunch" in msg, r.stderr[-2000:]
     step = int(msg.split("optimizer step ")[1].split(",")[0])
     saved = tmp_path / "run" / f"checkpoint-{step - 1}"
