@@ -122,6 +122,7 @@ def load_gguf(path: Path, dtype=torch.float32):
     # The weights come out dequantized (plain nn.Linear), but the GGUF quantizer stays attached
     # and refuses to be saved or trained: drop it, and name the architecture it left empty.
     model.hf_quantizer = None
+    model.is_quantized = False  # else the Trainer refuses it as "purely quantized"
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.architectures = [type(model).__name__]

@@ -56,6 +56,15 @@ def _export(args) -> None:
     print(_table([("output", args.output), *rows]))
 
 
+def _plot_schedule(args) -> None:
+    from bitft.schedule import LambdaSchedule, plot_schedules
+
+    schedules = [LambdaSchedule("linear", args.warmup_steps)]
+    schedules += [LambdaSchedule("sigmoid", args.warmup_steps, k=k) for k in args.k]
+    plot_schedules(schedules, args.steps, args.output)
+    print(f"wrote {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitft", description="Turn Hugging Face causal LMs into BitNet b1.58 models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -89,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the master weights first")
     e.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     e.set_defaults(func=_export)
+
+    ps = sub.add_parser("plot-schedule", help="draw λ schedules (linear, sigmoid) as a PNG")
+    ps.add_argument("--steps", type=int, default=1500)
+    ps.add_argument("--warmup-steps", type=int, default=1000)
+    ps.add_argument("--k", type=float, nargs="+", default=[5.0, 10.0, 20.0], help="sigmoid slopes")
+    ps.add_argument("--output", "-o", default="lambda_schedules.png")
+    ps.set_defaults(func=_plot_schedule)
 
     i = sub.add_parser("info", help="print what a checkpoint is, as a table")
     i.add_argument("checkpoint", help="checkpoint folder")
