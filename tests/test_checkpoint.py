@@ -58,7 +58,7 @@ def test_targets_are_recorded_and_reloaded(tiny_folder, tmp_path, tokens, arch):
 def stock_logits(ckpt, tokens, tmp_path):
     torch.save(tokens, tmp_path / "tokens.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, HERE / "stock_logits.py", ckpt, tmp_path / "tokens.pt", tmp_path / "stock.pt"],
+    subprocess.run([sys.executable, HERE.parent / "scripts" / "stock_logits.py", ckpt, tmp_path / "tokens.pt", tmp_path / "stock.pt"],
                    check=True, env=env, cwd=tmp_path)
     return torch.load(tmp_path / "stock.pt")
 

@@ -38,7 +38,7 @@ def test_pack_refuses_rows_not_divisible_by_4():
 
 def stock(ckpt, ids, tmp_path, new_tokens=0):
     torch.save(ids, tmp_path / "ids.pt")
-    subprocess.run([sys.executable, HERE / "stock_logits.py", ckpt, tmp_path / "ids.pt", tmp_path / "stock.pt",
+    subprocess.run([sys.executable, HERE.parent / "scripts" / "stock_logits.py", ckpt, tmp_path / "ids.pt", tmp_path / "stock.pt",
                     str(new_tokens)], check=True, cwd=tmp_path)
     return torch.load(tmp_path / "stock.pt")
 

@@ -52,7 +52,7 @@ def test_convert_the_shipped_gguf_and_stock_transformers_agrees(smollm2_gguf, tm
         [{"role": "user", "content": "hi"}], tokenize=False)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     torch.save(ids, tmp_path / "ids.pt")
-    subprocess.run([sys.executable, HERE / "stock_logits.py", out, tmp_path / "ids.pt", tmp_path / "stock.pt"],
+    subprocess.run([sys.executable, HERE.parent / "scripts" / "stock_logits.py", out, tmp_path / "ids.pt", tmp_path / "stock.pt"],
                    check=True, cwd=tmp_path)
     stock = torch.load(tmp_path / "stock.pt")
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_packed_export_of_smollm2_loads_in_stock_transformers(smollm2_folder, wi
     ids = windows[:1, :64]
     torch.save(ids, tmp_path / "ids.pt")
     for layers in (1, 2, 30):
-        subprocess.run([sys.executable, HERE / "stock_logits.py", tmp_path / "packed", tmp_path / "ids.pt",
+        subprocess.run([sys.executable, HERE.parent / "scripts" / "stock_logits.py", tmp_path / "packed", tmp_path / "ids.pt",
                         tmp_path / "stock.pt", "0", str(layers)], check=True, cwd=tmp_path)
         stock = torch.load(tmp_path / "stock.pt")
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Run by tests in a fresh process: load a checkpoint with stock transformers only (no bitft import),
+"""Run by tests and scripts/compare_exports.py in a fresh process: load a checkpoint with stock transformers only (no bitft import),
 save its logits for the given token ids and, optionally, N greedy tokens.
 usage: stock_logits.py CHECKPOINT TOKENS.pt OUT.pt [N_NEW_TOKENS [NUM_HIDDEN_LAYERS]]"""
 
