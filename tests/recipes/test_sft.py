@@ -239,3 +239,32 @@ def test_chat_rows_in_three_layouts_and_a_held_out_slice(tmp_path):
         build_datasets(ChatDataArguments(dataset=[str(tmp_path / "missing.jsonl")]), "chat", seed=0)
     with pytest.raises(ChatDataError, match="local jsonl/json"):
         build_datasets(ChatDataArguments(dataset=["no-such-org/no-such-dataset"]), "chat", seed=0)
+
+
+# ----------------------------------------------------------------------------- shared with the warmup recipe
+
+def test_nan_loss_stops_with_state_saved(tmp_path, tiny_bitft):
+    from bitft.training import is_complete
+
+    config = sft_config(tmp_path, tiny_bitft, learning_rate=1e30, lr_scheduler_type="constant", save_steps=1000,
+                        eval_size=0, max_grad_norm=0.0)
+    r = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(config)], cwd=REPO, env=env(),
+                       capture_output=True, text=True, timeout=200)
+    assert r.returncode == 3, r.stderr[-3000:]
+    msg = r.stderr.strip().splitlines()[-1]
+    assert "optimizer step" in msg and "λ=1" in msg and "relaunch" in msg
+    step = int(msg.split("optimizer step ")[1].split(",")[0])
+    assert step > 1 and is_complete(tmp_path / "run" / f"checkpoint-{step - 1}")
+
+
+def test_wandb_offline(tmp_path, tiny_bitft):
+    pytest.importorskip("wandb")
+    config = sft_config(tmp_path, tiny_bitft, report_to="wandb", max_steps=2, save_steps=2, eval_size=0)
+    r = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(config)], cwd=tmp_path,
+                       env=env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true"),
+                       capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    data = b"".join(f.read_bytes() for f in runs[0].rglob("*.wandb"))
+    assert b"train/loss" in data and b"train/lambda" in data
