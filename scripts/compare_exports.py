@@ -29,11 +29,12 @@ def main():
     p.add_argument("--gguf", help="file written by `bitft export --gguf`")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--raw", action="store_true", help="the prompt as plain text, without the chat template")
     args = p.parse_args()
 
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                   add_generation_prompt=True) if tok.chat_template else args.prompt
+                                   add_generation_prompt=True) if tok.chat_template and not args.raw else args.prompt
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
     if bitft.get_lambda(model) != 1.0:
@@ -66,7 +67,7 @@ def main():
                 break
         rows.append((f"llama.cpp, {Path(args.gguf).name}", gen, logits))
 
-    print(f"\nprompt: {args.prompt!r} ({ids.shape[1]} tokens with the chat template), greedy, {args.tokens} tokens\n")
+    print(f"\nprompt: {args.prompt!r} ({ids.shape[1]} tokens{'' if args.raw else ' with the chat template'}), greedy, {args.tokens} tokens\n")
     print("| runtime | greedy continuation | max abs logit diff vs bitft | next-token agreement |")
     print("|---|---|---|---|")
     for name, gen, logits in rows:
