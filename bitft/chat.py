@@ -171,8 +171,8 @@ def _read_local(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def read_rows(sources: list[str] | str, config: str | None = None, split: str = "train") -> list[dict]:
-    """Rows of local jsonl/json files and folders, or of one hub dataset split."""
+def read_rows(sources: list[str] | str, config: str | None = None, split: str = "train"):
+    """Rows of local jsonl/json files and folders (a list of dicts), or one hub dataset split (a datasets.Dataset)."""
     sources = [sources] if isinstance(sources, str) else list(sources or [])
     if not sources:
         raise ChatDataError("no dataset given: pass local jsonl/json files or folders, or a hub dataset id")
@@ -184,12 +184,11 @@ def read_rows(sources: list[str] | str, config: str | None = None, split: str = 
     import datasets
 
     try:
-        ds = datasets.load_dataset(sources[0], config, split=split)
+        return datasets.load_dataset(sources[0], config, split=split)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ChatDataError(f"cannot load {sources[0]} ({config or 'default'}, split {split}) from the Hugging Face hub "
                             f"({reason}); pass local jsonl/json files instead (e.g. ../shared/data/sft)") from None
-    return list(ds)
 
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -244,35 +243,41 @@ def preference_row(row: dict, where: str = "") -> dict:
     return {"prompt": _messages(prompt), "chosen": chosen, "rejected": rejected}
 
 
-def _split(rows: list[dict], eval_size: int, seed: int) -> tuple[list[dict], list[dict]]:
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    if eval_size >= len(rows):
-        raise ChatDataError(f"eval_size={eval_size} leaves no training row out of {len(rows)}: lower it")
-    return [rows[i] for i in order[eval_size:]], [rows[i] for i in order[:eval_size]]
-
-
-def build_datasets(args: _DataArguments, kind: str, seed: int):
-    """(train, eval or None) as datasets.Dataset, rows normalized for TRL (`kind`: "chat" or "preference")."""
+def normalized(sources, config: str | None, split: str, kind: str):
+    """A datasets.Dataset of rows in TRL's form (`kind`: "chat" or "preference"); hub data is mapped, not listed."""
     import datasets
 
     norm = chat_row if kind == "chat" else preference_row
-    rows = [norm(r, f"{args.dataset} row {i}") for i, r in enumerate(read_rows(args.dataset, args.dataset_config, args.dataset_split))]
-    if kind == "chat":
-        rows = [r for r in rows if any(m["role"] == "assistant" for m in r["messages"])]
-    if not rows:
-        raise ChatDataError(f"{args.dataset} holds no usable {kind} rows")
-    if args.eval_dataset:
-        train = rows
-        random.Random(seed).shuffle(train)
-        held = [norm(r, f"{args.eval_dataset} row {i}") for i, r in
-                enumerate(read_rows(args.eval_dataset, args.dataset_config, args.eval_split))]
+    rows = read_rows(sources, config, split)
+    if isinstance(rows, list):
+        ds = datasets.Dataset.from_list([norm(r, f"{sources} row {i}") for i, r in enumerate(rows)])
     else:
-        train, held = _split(rows, args.eval_size, seed)
+        ds = rows.map(lambda r: norm(r, str(sources)), remove_columns=rows.column_names)
+    if kind == "chat" and len(ds):
+        ds = ds.filter(lambda r: any(m["role"] == "assistant" for m in r["messages"]))
+    if not len(ds):
+        raise ChatDataError(f"{sources} holds no usable {kind} rows")
+    return ds
+
+
+def build_datasets(args: _DataArguments, kind: str, seed: int):
+    """(train, eval or None) as datasets.Dataset, rows normalized for TRL (`kind`: "chat" or "preference").
+
+    The held-out slice is the first eval_size rows of a seeded shuffle (or eval_dataset); training
+    uses the rest, in that shuffled order, at most max_samples of them.
+    """
+    ds = normalized(args.dataset, args.dataset_config, args.dataset_split, kind)
+    order = list(range(len(ds)))
+    random.Random(seed).shuffle(order)
+    if args.eval_dataset:
+        train, held = ds.select(order), normalized(args.eval_dataset, args.dataset_config, args.eval_split, kind)
+    else:
+        if args.eval_size >= len(ds):
+            raise ChatDataError(f"eval_size={args.eval_size} leaves no training row out of {len(ds)}: lower it")
+        train, held = ds.select(order[args.eval_size:]), ds.select(order[: args.eval_size])
     if args.max_samples:
-        train = train[: args.max_samples]
-    make = datasets.Dataset.from_list
-    return make(train), (make(held) if held else None)
+        train = train.select(range(min(args.max_samples, len(train))))
+    return train, (held if len(held) else None)
 
 
 # ----------------------------------------------------------------------------- chat templates

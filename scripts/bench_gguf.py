@@ -58,7 +58,6 @@ def main():
         _, tokenizer = load_gguf(embedded_smollm2())  # any BPE tokenizer with 49152 entries will do
         tokenizer.save_pretrained(work / "ckpt")
         del model
-        n_params = None
         rows = []
         for t in ("f16", "q8_0", "tq2_0", "tq1_0"):
             out = work / f"{t}.gguf"

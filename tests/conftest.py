@@ -87,3 +87,17 @@ def smollm2(smollm2_folder):
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(smollm2_folder)
+
+
+def cli_refuses(capsys, folder: Path, argv: list) -> str:
+    """Run `bitft ARGV` expecting a refusal: exit 1, one stderr line naming the problem, and
+    nothing new in FOLDER (no output, no temporary file). Returns the line."""
+    from bitft.cli import main
+
+    capsys.readouterr()  # whatever set-up printed
+    before = sorted(p.name for p in folder.iterdir())
+    assert main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("bitft: error: "), err
+    assert sorted(p.name for p in folder.iterdir()) == before
+    return err

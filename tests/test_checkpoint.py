@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import bitft
 from bitft.cli import main
-from conftest import tiny_model
+from conftest import cli_refuses, tiny_model
 
 HERE = Path(__file__).parent
 
@@ -114,14 +114,7 @@ def test_overwrite_replaces_the_folder(tiny_folder, tmp_path):
 # ---------------------------------------------------------------------------------- bad input
 
 def bad(tmp_path, capsys, *args):
-    """Run the CLI expecting failure: one stderr line naming the problem, nothing written."""
-    out = tmp_path / "out"
-    before = sorted(p.name for p in tmp_path.iterdir())
-    assert convert_cli(*args, "--output", out) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("bitft: error: "), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary folder
-    return err
+    return cli_refuses(capsys, tmp_path, ["convert", *args, "--output", tmp_path / "out"])
 
 
 def test_missing_path(tmp_path, capsys):

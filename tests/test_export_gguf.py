@@ -8,9 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import bitft
-from bitft.cli import main
 from bitft.export.gguf import export_gguf
-from conftest import tiny_model
+from conftest import cli_refuses, tiny_model
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -97,13 +96,7 @@ def test_smollm2_shallow_truncations_agree_with_llama_cpp(smollm2_folder, tmp_pa
 
 
 def bad(tmp_path, capsys, *args):
-    capsys.readouterr()
-    before = sorted(p.name for p in tmp_path.iterdir())
-    assert main(["export", *map(str, args), "--gguf", "-o", str(tmp_path / "m.gguf")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("bitft: error: "), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
-    return err
+    return cli_refuses(capsys, tmp_path, ["export", *args, "--gguf", "-o", tmp_path / "m.gguf"])
 
 
 def test_refusals(tmp_path, capsys, wide):

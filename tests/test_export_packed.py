@@ -13,7 +13,7 @@ from transformers.integrations.bitnet import pack_weights, unpack_weights
 import bitft
 from bitft.cli import main
 from bitft.quant import pack_ternary, unpack_ternary
-from conftest import tiny_model
+from conftest import cli_refuses, tiny_model
 
 HERE = Path(__file__).parent
 SHAPES = [(4, 1), (4, 7), (8, 3), (12, 5), (64, 64), (128, 576), (1536, 576), (4, 3, 2), (16,)]
@@ -87,13 +87,7 @@ def test_packed_weights_and_scales_are_what_stock_expects(tmp_path):
 
 
 def bad(tmp_path, capsys, *args):
-    capsys.readouterr()  # what set-up printed
-    before = sorted(p.name for p in tmp_path.iterdir())
-    assert main(["export", *map(str, args), "--packed", "-o", str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("bitft: error: "), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
-    return err
+    return cli_refuses(capsys, tmp_path, ["export", *args, "--packed", "-o", tmp_path / "out"])
 
 
 def test_refuses_a_checkpoint_below_lambda_one(tmp_path, capsys):

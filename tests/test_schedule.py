@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -21,7 +21,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bitft.checkpoint import BitftError

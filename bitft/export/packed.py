@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 from bitft.checkpoint import BitftError, _copy_side_files, atomic_dir, safetensors_header

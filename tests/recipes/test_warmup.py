@@ -12,7 +12,6 @@ Regenerate the committed losses with BITFT_REGENERATE=1 (and say why in the comm
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
