@@ -129,3 +129,22 @@ def test_preference_rows():
         train, held = build_datasets(PreferenceDataArguments(dataset=[str(DPO_DATA / name)], eval_size=10), "preference", 0)
         assert len(train) == n - 10 and len(held) == 10
         assert isinstance(train[0]["prompt"], list) and train[0]["chosen"][0]["role"] == "assistant"
+
+
+def test_hub_datasets_are_mapped_not_listed(monkeypatch):
+    """A hub split (here a stand-in Dataset with UltraFeedback's columns) is normalized with Dataset.map."""
+    import datasets
+
+    import bitft.chat as chat
+
+    u, a = {"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}
+    bad = {"role": "assistant", "content": "bad"}
+    hub = datasets.Dataset.from_list([{"prompt": "q", "prompt_id": str(i), "chosen": [u, a], "rejected": [u, bad],
+                                       "messages": [u, a], "score_chosen": 8.0} for i in range(6)])
+    monkeypatch.setattr(chat, "read_rows", lambda *args, **kw: hub)
+    train, held = chat.build_datasets(chat.PreferenceDataArguments(dataset=["HuggingFaceH4/ultrafeedback_binarized"],
+                                                                   eval_size=2), "preference", seed=0)
+    assert sorted(train.column_names) == ["chosen", "prompt", "rejected"] and (len(train), len(held)) == (4, 2)
+    assert train[0] == {"prompt": [u], "chosen": [a], "rejected": [bad]}
+    train, held = chat.build_datasets(chat.ChatDataArguments(dataset=["HuggingFaceH4/ultrachat_200k"], eval_size=0), "chat", 0)
+    assert train.column_names == ["messages"] and len(train) == 6 and held is None
