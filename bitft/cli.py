@@ -65,6 +65,86 @@ def _plot_schedule(args) -> None:
     print(f"wrote {args.output}")
 
 
+def _eval(args) -> None:
+    """`bitft eval`: WikiText-2 perplexity and/or zero-shot tasks; a table, or JSON with --json."""
+    import json
+    from pathlib import Path
+
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # packed BitLinear is @torch.compile: a loss on CPU
+    import torch
+
+    from bitft.checkpoint import BitftError
+    from bitft.evaluate import default_text, load_for_eval, perplexity_from_nlls, shared_eval_dir, split_windows, window_nlls
+    from bitft.tasks import TASKS, evaluate_task, parse_tasks
+
+    if not args.ppl and not args.tasks:
+        raise BitftError("nothing to evaluate: pass --ppl and/or --tasks (e.g. --tasks all)")
+    for flag, value in (("--limit", args.limit), ("--windows", args.windows)):
+        if value is not None and value < 1:
+            raise BitftError(f"{flag} must be a positive number, not {value}")
+    if args.seqlen < 2:
+        raise BitftError(f"--seqlen must be at least 2, not {args.seqlen}")
+    if args.lam is not None and not 0.0 <= args.lam <= 1.0:
+        raise BitftError(f"--lambda must be in [0, 1], not {args.lam:g}")
+    names = parse_tasks(args.tasks) if args.tasks else []
+    tasks_dir = Path(args.tasks_dir) if args.tasks_dir else shared_eval_dir()
+    for name in names:  # every file checked before a model is loaded
+        if not (tasks_dir / TASKS[name].filename).is_file():
+            raise BitftError(f"{name}: {tasks_dir / TASKS[name].filename} not found: pass --tasks-dir with the "
+                             f"folder of the local task files (hub fields)")
+    text = None
+    if args.ppl:
+        data = Path(args.data) if args.data else default_text()
+        if not data.is_file():
+            raise BitftError(f"{data} not found: pass --data with a raw text file"
+                             + ("" if args.data else " (the default is WikiText-2 test in ../shared/data/eval)"))
+        text = data.read_text(encoding="utf-8", errors="replace")
+    progress = not args.no_progress
+
+    t0 = time.perf_counter()
+    backend, tokenizer, what = load_for_eval(args.model, args.backend, args.lam, getattr(torch, args.dtype))
+    result = {"model": args.model, "backend": backend.name, "what": what,
+              "load_seconds": round(time.perf_counter() - t0, 1)}
+    rows = [("model", args.model), ("backend", f"{backend.name}: {what}")]
+    if text is not None:
+        t1 = time.perf_counter()
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+        n_tokens = ids.numel()
+        try:
+            windows = split_windows(ids, args.seqlen, args.windows or args.limit)
+        except ValueError as e:
+            raise BitftError(f"{data}: {e}: pass a smaller --seqlen or a longer text") from None
+        if args.seqlen > backend.max_length:
+            raise BitftError(f"--seqlen {args.seqlen} is longer than the model's context ({backend.max_length} tokens)")
+        nlls = window_nlls(backend, windows, progress)
+        ppl = perplexity_from_nlls(nlls, args.seqlen)
+        result["perplexity"] = {
+            "data": str(data), "seqlen": args.seqlen, "windows": len(nlls), "windows_available": n_tokens // args.seqlen,
+            "text_tokens": n_tokens, "predicted_tokens": len(nlls) * (args.seqlen - 1),
+            "mean_nll": sum(nlls) / (len(nlls) * (args.seqlen - 1)), "ppl": ppl,
+            "seconds": round(time.perf_counter() - t1, 1)}
+        rows.append(("perplexity", f"{ppl:.4f}  ({data.name}, {len(nlls)} of {n_tokens // args.seqlen} windows x "
+                                   f"{args.seqlen} tokens, non-overlapping, no special tokens)"))
+    if names:
+        result["tasks"] = {}
+        for name in names:
+            r = evaluate_task(backend, tokenizer, name, tasks_dir, args.limit, progress)
+            result["tasks"][name] = r.as_dict()
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(_table(rows))
+    if names:
+        print(f"\nzero-shot (lm-evaluation-harness formats, log-likelihood of each choice){'' if args.limit is None else f', first {args.limit} examples'}\n")
+        print("| task | n | acc | acc_norm |")
+        print("|---|---|---|---|")
+        for name, r in result["tasks"].items():
+            cell = lambda m: f"{r[m]:.4f} ± {r[m + '_stderr']:.4f}" if m in r else "-"  # noqa: E731
+            print(f"| {TASKS[name].title} | {r['n']} | {cell('acc')} | {cell('acc_norm')} |")
+    print(f"\n{result['seconds']:.0f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitft", description="Turn Hugging Face causal LMs into BitNet b1.58 models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--k", type=float, nargs="+", default=[5.0, 10.0, 20.0], help="sigmoid slopes")
     ps.add_argument("--output", "-o", default="lambda_schedules.png")
     ps.set_defaults(func=_plot_schedule)
+
+    ev = sub.add_parser("eval", help="perplexity over non-overlapping windows, zero-shot tasks (lm-eval formats)")
+    ev.add_argument("model", help="model folder, hub id, bitft checkpoint, packed export, or .gguf file")
+    ev.add_argument("--ppl", action="store_true", help="perplexity of --data over non-overlapping --seqlen windows")
+    ev.add_argument("--data", help="raw text file for --ppl (default: ../shared/data/eval/wikitext2_test.raw)")
+    ev.add_argument("--seqlen", type=int, default=2048, help="--ppl window length in tokens (default 2048)")
+    ev.add_argument("--tasks", nargs="+", metavar="TASK",
+                    help="zero-shot tasks: all, or any of arc_easy arc_challenge hellaswag piqa boolq openbookqa winogrande")
+    ev.add_argument("--tasks-dir", help="folder of the tasks' jsonl files, hub fields (default: ../shared/data/eval)")
+    ev.add_argument("--limit", type=int, help="only the first N windows (--ppl) and N examples of each task")
+    ev.add_argument("--windows", type=int, help="only the first N windows for --ppl (overrides --limit there)")
+    ev.add_argument("--lambda", dest="lam", type=float,
+                    help="evaluate a bitft checkpoint at this λ instead of its saved one")
+    ev.add_argument("--backend", choices=["auto", "transformers", "llama.cpp"], default="auto",
+                    help="auto: llama.cpp for a .gguf when llama-cpp-python imports, else transformers")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="transformers backend: dtype to load the model in (default float32)")
+    ev.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars (on stderr)")
+    ev.set_defaults(func=_eval)
 
     i = sub.add_parser("info", help="print what a checkpoint is, as a table")
     i.add_argument("checkpoint", help="checkpoint folder")

@@ -1,21 +1,53 @@
-"""Perplexity over non-overlapping windows (the convention of GPTQ-style eval_ppl scripts).
+"""Perplexity over non-overlapping windows (the convention of GPTQ-style eval_ppl scripts), and
+the model backends that `bitft eval` scores with.
 
-The text is tokenized once, without special tokens; it is cut into ⌊N / seqlen⌋ windows of
-exactly seqlen tokens (the tail is dropped); each window is scored on its own, so the first
-token of a window has no context. PPL = exp(Σ NLL / (windows · (seqlen − 1))): every window
-contributes its seqlen − 1 predicted tokens.
+Perplexity: the text is tokenized once, without special tokens (no BOS); it is cut into
+⌊N / seqlen⌋ windows of exactly seqlen tokens (the tail is dropped; --limit keeps the first ones);
+each window is scored on its own, so the first token of a window has no context. PPL =
+exp(Σ NLL / (windows · (seqlen − 1))): every window contributes its seqlen − 1 predicted tokens.
+(GPTQ's eval_ppl averages the loss over all seqlen − 1 shifted positions of each window the same
+way; it multiplies by seqlen instead of seqlen − 1 before the exp, which changes nothing for equal
+windows.)
+
+Backends: `TransformersBackend` runs any model that AutoModelForCausalLM loads (a full-precision
+model, a bitft checkpoint at any λ, a packed export, a GGUF dequantized by transformers);
+`LlamaCppBackend` runs a .gguf file through llama-cpp-python (logits for every position, token ids
+fed directly). Both see the same token ids, from the model's transformers tokenizer.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from bitft.checkpoint import BitftError
+
+
+def shared_eval_dir() -> Path:
+    """../shared/data/eval beside the repository (or $BITFT_SHARED/data/eval)."""
+    env = os.environ.get("BITFT_SHARED")
+    if env:
+        return Path(env) / "data" / "eval"
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
+
+
+def default_text() -> Path:
+    return shared_eval_dir() / "wikitext2_test.raw"
+
 
 def token_windows(tokenizer, text: str, seqlen: int, limit: int | None = None) -> torch.Tensor:
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    """[n, seqlen] token ids: the first LIMIT of the ⌊N / seqlen⌋ whole windows of TEXT."""
+    return split_windows(tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0], seqlen, limit)
+
+
+def split_windows(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> torch.Tensor:
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, not {seqlen}")
+    ids = torch.as_tensor(ids)
     n = ids.numel() // seqlen
     if n == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
@@ -24,16 +56,193 @@ def token_windows(tokenizer, text: str, seqlen: int, limit: int | None = None) -
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Σ −log p(ids[t+1] | ids[:t+1]) over t, from [seqlen, vocab] logits of one window."""
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum").item()
+
+
+def window_nlls(backend, windows: torch.Tensor, progress: bool = False) -> list[float]:
+    """Summed next-token NLL of each window (seqlen − 1 predictions each)."""
+    out = []
+    bar = tqdm(windows, desc="perplexity", disable=not progress)
+    for i, w in enumerate(bar):
+        out.append(backend.window_nll(w))
+        bar.set_postfix(ppl=f"{math.exp(sum(out) / ((i + 1) * (windows.shape[1] - 1))):.3f}")
+    return out
+
+
+def perplexity_from_nlls(nlls: list[float], seqlen: int) -> float:
+    return math.exp(sum(nlls) / (len(nlls) * (seqlen - 1)))
+
+
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, progress: bool = False) -> float:
-    """exp(mean next-token NLL) of the model over the given [n, seqlen] windows."""
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for w in tqdm(windows, desc="perplexity", disable=not progress):
-        w = w.unsqueeze(0).to(device)
-        logits = model(w).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1], w[0, 1:], reduction="sum")
-        total += nll.item()
-        count += w.shape[1] - 1
-    return math.exp(total / count)
+def perplexity(model_or_backend, windows: torch.Tensor, progress: bool = False) -> float:
+    """exp(mean next-token NLL) over the given [n, seqlen] windows: a model or a backend."""
+    backend = model_or_backend if hasattr(model_or_backend, "window_nll") else TransformersBackend(model_or_backend)
+    return perplexity_from_nlls(window_nlls(backend, windows, progress), windows.shape[1])
+
+
+# ----------------------------------------------------------------------------- backends
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, model, max_length: int | None = None):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+
+    @torch.no_grad()
+    def window_nll(self, window) -> float:
+        ids = torch.as_tensor(window).to(self.device)
+        return _nll_sum(self.model(ids.unsqueeze(0)).logits[0], ids)
+
+    @torch.no_grad()
+    def loglikelihoods(self, pairs) -> list[float]:
+        """Σ log p(continuation | context) for each (context ids, continuation ids), one batch
+        (right-padded) per call; inputs longer than max_length + 1 lose their left end."""
+        seqs, conts = [], []
+        for ctx, cont in pairs:
+            full = (list(ctx) + list(cont))[-(self.max_length + 1):][:-1]
+            seqs.append(full)
+            conts.append(list(cont))
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        logits = self.model(ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        out = []
+        for i, (s, cont) in enumerate(zip(seqs, conts)):
+            lp = logits[i, len(s) - len(cont):len(s)].float().log_softmax(-1)
+            out.append(lp.gather(-1, torch.tensor(cont, device=lp.device)[:, None]).sum().item())
+        return out
+
+
+class LlamaCppBackend:
+    """A GGUF file through llama-cpp-python: token ids in, logits of every position out."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path, threads: int | None = None):
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self.path = str(path)
+        self.threads = threads or torch.get_num_threads()
+        self.llm = None
+        self.n_ctx = 0
+        probe = llama_cpp.Llama(self.path, vocab_only=True, verbose=False)
+        arch = probe.metadata.get("general.architecture", "llama")
+        self.max_length = int(probe.metadata.get(f"{arch}.context_length", 2048))
+        del probe
+
+    def _context(self, n: int):
+        """A llama.cpp context holding at least N tokens (re-created, larger, when needed)."""
+        if self.llm is None or n > self.n_ctx:
+            self.llm = None
+            size = 256
+            while size < n:
+                size *= 2
+            self.llm = self._llama_cpp.Llama(self.path, n_ctx=size, n_batch=min(size, 512), logits_all=True,
+                                             n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+            self.n_ctx = size
+        return self.llm
+
+    def _eval(self, ids: list[int]):
+        """Evaluate IDS, reusing the longest prefix already in the KV cache; scores[t] = logits after ids[t]."""
+        llm = self._context(len(ids))
+        keep = 0
+        limit = min(llm.n_tokens, len(ids) - 1)  # re-evaluate at least the last token
+        while keep < limit and llm.input_ids[keep] == ids[keep]:
+            keep += 1
+        llm.n_tokens = keep
+        llm.eval(ids[keep:])
+        return llm.scores[: len(ids)]
+
+    def window_nll(self, window) -> float:
+        ids = [int(t) for t in window]
+        if len(ids) > self.max_length:
+            raise BitftError(f"seqlen {len(ids)} is longer than the model's context ({self.max_length} tokens)")
+        logits = torch.from_numpy(self._eval(ids).copy())
+        return _nll_sum(logits, torch.tensor(ids))
+
+    def loglikelihoods(self, pairs) -> list[float]:
+        out = []
+        for ctx, cont in pairs:
+            full = (list(ctx) + list(cont))[-(self.max_length + 1):][:-1]
+            scores = self._eval(full)
+            lp = torch.from_numpy(scores[len(full) - len(cont):len(full)].copy()).log_softmax(-1)
+            out.append(lp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
+        return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def load_for_eval(source: str, backend: str = "auto", lam: float | None = None, dtype=torch.float32):
+    """(backend, tokenizer, description) for SOURCE: a model folder, hub id, packed export,
+    bitft checkpoint (at its own λ, or LAM) or .gguf file (llama.cpp by default when it imports)."""
+    from transformers import AutoTokenizer
+
+    from bitft.checkpoint import load_gguf, load_source, resolve_source
+
+    path = resolve_source(source)
+    if path.is_file():  # a .gguf
+        if lam is not None:
+            raise BitftError(f"{source} is a GGUF file, a fixed model: --lambda applies to bitft checkpoints (folders)")
+        if backend == "auto":
+            backend = "llama.cpp" if llama_cpp_available() else "transformers"
+        if backend == "llama.cpp":
+            if not llama_cpp_available():
+                raise BitftError("--backend llama.cpp needs llama-cpp-python: pip install 'bitft[gguf]'")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            except Exception as e:
+                raise BitftError(f"transformers cannot read the tokenizer of {path} "
+                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            try:
+                be = LlamaCppBackend(path)
+            except Exception as e:
+                raise BitftError(f"llama.cpp cannot load {path} ({e})") from None
+            return be, tokenizer, f"GGUF {path.name} through llama.cpp"
+        model, tokenizer = load_gguf(path, dtype)
+        return TransformersBackend(model), tokenizer, f"GGUF {path.name} dequantized by transformers ({_dtype(dtype)})"
+
+    if backend == "llama.cpp":
+        raise BitftError(f"{source} is a model folder: --backend llama.cpp takes a .gguf file "
+                         "(bitft export --gguf writes one)")
+    model, tokenizer = load_source(str(path), dtype)
+    if tokenizer is None:
+        raise BitftError(f"{source} has no tokenizer files: save the tokenizer beside the model")
+    meta = getattr(model.config, "bitft", None)
+    if lam is not None:
+        from bitft.surgery import set_lambda
+
+        try:
+            set_lambda(model, lam)
+        except ValueError as e:
+            raise BitftError(f"--lambda {lam:g}: {source} is not a bitft checkpoint ({e})") from None
+    qc = getattr(model.config, "quantization_config", None)
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else (qc or {})
+    if meta:
+        from bitft.surgery import get_lambda
+
+        what = f"bitft checkpoint, λ={get_lambda(model):g}" + (f" (saved at λ={meta['lambda']:g})" if lam is not None else "")
+    elif qc.get("quant_method") == "bitnet":
+        what = f"BitNet checkpoint ({qc.get('linear_class', '?')}, {qc.get('quantization_mode', '?')})"
+    else:
+        what = f"full precision ({_dtype(next(model.parameters()).dtype)})"
+    return TransformersBackend(model), tokenizer, what
+
+
+def _dtype(dtype) -> str:
+    return str(dtype).replace("torch.", "")
