@@ -118,7 +118,6 @@ def main():
                                "--save_steps", str(steps), "--max_length", str(a.max_length))
     merged_file = out / "dpo-lora" / "merged_eval.json"
     if a.dpo_lora and not merged_file.is_file():
-        sys.path.insert(0, str(REPO / "recipes"))
         import importlib.util
 
         spec = importlib.util.spec_from_file_location("recipes_dpo", REPO / "recipes" / "dpo.py")
