@@ -100,6 +100,9 @@ def _eval(args) -> None:
                              + ("" if args.data else " (the default is WikiText-2 test in ../shared/data/eval)"))
         text = data.read_text(encoding="utf-8", errors="replace")
     progress = not args.no_progress
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its loading bars; ours (windows, examples) stay on stderr
 
     t0 = time.perf_counter()
     backend, tokenizer, what = load_for_eval(args.model, args.backend, args.lam, getattr(torch, args.dtype))
