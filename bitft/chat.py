@@ -36,6 +36,7 @@ import torch
 
 import bitft
 from bitft.checkpoint import load_source
+from bitft.data import DataError, local_files
 from bitft.training import ConfigError, ModelArguments, model_source
 
 logger = logging.getLogger("bitft")
@@ -44,7 +45,7 @@ LOCAL_SUFFIXES = (".jsonl", ".json")
 FALLBACKS = ("last_turn", "full", "error")
 
 
-class ChatDataError(ValueError):
+class ChatDataError(DataError):
     """A problem with the chat/preference data or the chat template, in one line that names the fix."""
 
 
@@ -139,28 +140,6 @@ def parse_trl_config(types, argv=None):
 
 # ----------------------------------------------------------------------------- reading rows
 
-def _local_files(sources: list[str]) -> list[Path] | None:
-    paths = [Path(s).expanduser() for s in sources]
-    if not any(p.exists() for p in paths):
-        if any(s.startswith((".", "/", "~")) or Path(s).suffix in LOCAL_SUFFIXES for s in sources):
-            raise ChatDataError(f"data files not found: {', '.join(sources)}")
-        return None
-    files = []
-    for s, p in zip(sources, paths):
-        if not p.exists():
-            raise ChatDataError(f"{s} not found (the other sources are local files: every one must exist)")
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES)
-            if not found:
-                raise ChatDataError(f"{s} holds no .jsonl/.json files")
-            files += found
-        elif p.suffix not in LOCAL_SUFFIXES:
-            raise ChatDataError(f"{s}: unsupported file type (use .jsonl or .json)")
-        else:
-            files.append(p)
-    return files
-
-
 def _read_local(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
@@ -176,7 +155,10 @@ def read_rows(sources: list[str] | str, config: str | None = None, split: str = 
     sources = [sources] if isinstance(sources, str) else list(sources or [])
     if not sources:
         raise ChatDataError("no dataset given: pass local jsonl/json files or folders, or a hub dataset id")
-    files = _local_files(sources)
+    try:
+        files = local_files(sources, suffixes=LOCAL_SUFFIXES)
+    except DataError as e:
+        raise ChatDataError(str(e)) from None
     if files is not None:
         return [row for f in files for row in _read_local(f)]
     if len(sources) != 1:

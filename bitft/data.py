@@ -50,12 +50,12 @@ class DataArguments:
 
 # ----------------------------------------------------------------------------- reading documents
 
-def local_files(sources: Iterable[str]) -> list[Path] | None:
+def local_files(sources: Iterable[str], suffixes: tuple[str, ...] = LOCAL_SUFFIXES) -> list[Path] | None:
     """The data files named by SOURCES (files or folders), or None when they are not local paths."""
     sources = [str(s) for s in sources]
     paths = [Path(s).expanduser() for s in sources]
     if not any(p.exists() for p in paths):
-        looks_local = any(s.startswith((".", "/", "~")) or Path(s).suffix in LOCAL_SUFFIXES for s in sources)
+        looks_local = any(s.startswith((".", "/", "~")) or Path(s).suffix in suffixes for s in sources)
         if looks_local:
             raise DataError(f"data files not found: {', '.join(sources)}")
         return None
@@ -64,12 +64,12 @@ def local_files(sources: Iterable[str]) -> list[Path] | None:
         if not p.exists():
             raise DataError(f"{s} not found (other data sources given are local files: every one must exist)")
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
             if not found:
-                raise DataError(f"{s} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+                raise DataError(f"{s} holds no {'/'.join(suffixes)} files")
             files += found
-        elif p.suffix not in LOCAL_SUFFIXES:
-            raise DataError(f"{s}: unsupported data file type (use {', '.join(LOCAL_SUFFIXES)})")
+        elif p.suffix not in suffixes:
+            raise DataError(f"{s}: unsupported data file type (use {', '.join(suffixes)})")
         else:
             files.append(p)
     return files
