@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import bitft
 from bitft.cli import main
-from conftest import cli_refuses, tiny_model
+from helpers import cli_refuses, tiny_model
 
 HERE = Path(__file__).parent
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitft.data import DataArguments, DataError, PackedBlocks, build_datasets, local_files, pack, read_file
-from conftest import DATA
+from helpers import DATA
 
 PRETRAIN = DATA / "pretrain"
 

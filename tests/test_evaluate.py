@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 import bitft
 from bitft.cli import main
 from bitft.evaluate import TransformersBackend, perplexity, split_windows, token_windows
-from conftest import DATA, cli_refuses, tiny_model
+from helpers import DATA, cli_refuses, tiny_model
 
 WIKITEXT = DATA / "eval" / "wikitext2_test.raw"
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import bitft
 from bitft.export.gguf import export_gguf
-from conftest import cli_refuses, tiny_model
+from helpers import cli_refuses, tiny_model
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

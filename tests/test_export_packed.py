@@ -13,7 +13,7 @@ from transformers.integrations.bitnet import pack_weights, unpack_weights
 import bitft
 from bitft.cli import main
 from bitft.quant import pack_ternary, unpack_ternary
-from conftest import cli_refuses, tiny_model
+from helpers import cli_refuses, tiny_model
 
 HERE = Path(__file__).parent
 SHAPES = [(4, 1), (4, 7), (8, 3), (12, 5), (64, 64), (128, 576), (1536, 576), (4, 3, 2), (16,)]

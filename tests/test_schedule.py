@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments
 
 import bitft
 from bitft.schedule import LambdaCallback, LambdaSchedule, lambda_at
-from conftest import REPO, tiny_model
+from helpers import REPO, tiny_model
 
 
 def test_linear():

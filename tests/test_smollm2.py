@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import bitft
 from bitft.checkpoint import convert_checkpoint
 from bitft.evaluate import perplexity, token_windows
-from conftest import DATA
+from helpers import DATA
 
 pytestmark = pytest.mark.smollm2
 HERE = Path(__file__).parent

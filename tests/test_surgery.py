@@ -6,7 +6,7 @@ import bitft
 from bitft import BitLinear
 from bitft.quant import quantize_weight
 from bitft.surgery import bit_linears, select_modules, summarize_names
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 def test_converts_every_decoder_linear_and_nothing_else(arch):

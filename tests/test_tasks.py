@@ -9,7 +9,7 @@ import torch
 from bitft.cli import main
 from bitft.evaluate import TransformersBackend
 from bitft.tasks import TASKS, Doc, encode_pair, evaluate_task, load_docs, mean_stderr, parse_tasks, score_doc
-from conftest import DATA, cli_refuses, tiny_model
+from helpers import DATA, cli_refuses, tiny_model
 from test_evaluate import char_tokenizer, tiny_folder_with_tokenizer
 
 EVAL = DATA / "eval"

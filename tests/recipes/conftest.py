@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 
-def _root_conftest():
-    """tests/conftest.py as pytest loaded it (both files are modules named `conftest`)."""
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
-    for mod in list(sys.modules.values()):
-        f = getattr(mod, "__file__", None)
-        if f and Path(f).resolve() == path:
-            return mod
-    spec = importlib.util.spec_from_file_location("bitft_tests_conftest", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_root = _root_conftest()
-DATA, tiny_model = _root.DATA, _root.tiny_model
+from helpers import DATA, tiny_model  # noqa: F401 (tiny_model is used by the recipe tests)
 
 PRETRAIN = DATA / "pretrain"
 
