@@ -65,7 +65,7 @@ def resolve_source(source: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]))
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as e:  # offline, gated, missing: all the same to the user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BitftError(f"cannot fetch {source} from the Hugging Face hub ({reason}); "
