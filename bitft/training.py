@@ -296,6 +296,27 @@ def train(trainer, resume_from_checkpoint=None):
             "Lower the learning rate or check the data, then relaunch the same command to resume.")) from None
 
 
+def train_and_evaluate(trainer, resume=None, evaluate: bool = True) -> dict:
+    """Train (resuming from RESUME) with held-out figures before the first step (on a fresh start,
+    through `eval_on_start`: evaluating before train() leaves a DDP model unwrapped) and after."""
+    from bitft.surgery import get_lambda
+
+    if evaluate and resume is None:
+        trainer.args.eval_on_start = True
+    if resume is not None:
+        logger.info("resuming from %s", resume)
+    t0 = time.perf_counter()
+    out = train(trainer, resume)
+    results = {"steps": trainer.state.global_step, "train_minutes": round((time.perf_counter() - t0) / 60, 2),
+               "train_loss": out.training_loss, "lambda_final": get_lambda(trainer.model)}
+    start = [h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h]
+    if start:
+        results["before"] = start[0]
+    if evaluate:
+        results["after"] = trainer.evaluate()
+    return results
+
+
 class ThroughputCallback(TrainerCallback):
     """Tokens seen (all processes) and tokens/s since the previous log, for packed fixed-size batches."""
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU; see FACTS
 
@@ -39,7 +38,7 @@ from bitft.chat import (BitDPOConfig, ChatDataError, LoraArguments, PreferenceDa
 from bitft.checkpoint import BitftError
 from bitft.surgery import bit_linears
 from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
-                            logger, resume_checkpoint, setup_logging, setup_wandb, train)
+                            logger, resume_checkpoint, setup_logging, setup_wandb, train_and_evaluate)
 
 KEYS = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_rewards/chosen", "eval_rewards/rejected")
 
@@ -85,22 +84,8 @@ def main(argv=None) -> dict:
                "train_pairs": len(train_set), "eval_pairs": len(eval_set) if eval_set else 0}
     results.update(reference_check(trainer))
 
-    # 4. train (resuming where a killed run stopped); held-out metrics before the first step on a fresh start
-    if eval_set is not None and resume is None:
-        trainer.args.eval_on_start = True
-    if resume is not None:
-        logger.info("resuming from %s", resume)
-    t0 = time.perf_counter()
-    out = train(trainer, resume)
-    results.update(steps=trainer.state.global_step, train_minutes=round((time.perf_counter() - t0) / 60, 2),
-                   train_loss=out.training_loss, lambda_final=bitft.get_lambda(trainer.model))
-    start = [h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h]
-    if start:
-        results["before"] = start[0]
-
-    # 5. held-out metrics after; save (full checkpoint, or adapters naming the checkpoint as base)
-    if eval_set is not None:
-        results["after"] = trainer.evaluate()
+    # 4. train (resuming where a killed run stopped), held-out metrics before (fresh start) and after; save
+    results.update(train_and_evaluate(trainer, resume, evaluate=eval_set is not None))
     trainer.save_model(args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():

@@ -24,20 +24,18 @@ import json
 import math
 import os
 import sys
-import time
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU; see FACTS
 
 from transformers import set_seed
 from trl import SFTTrainer
 
-import bitft
 from bitft.chat import (ChatDataArguments, ChatDataError, LoraArguments, BitSFTConfig, apply_template_source,
                         build_datasets, lambda_callback, load_policy, lora_config, merged_evaluate,
                         parse_trl_config, require_chat_template, resolve_assistant_only)
 from bitft.checkpoint import BitftError
 from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
-                            logger, resume_checkpoint, setup_logging, setup_wandb, train)
+                            logger, resume_checkpoint, setup_logging, setup_wandb, train_and_evaluate)
 
 
 class BitSFTTrainer(BitftTrainerMixin, SFTTrainer):
@@ -76,22 +74,8 @@ def main(argv=None) -> dict:
     results = {"stage": "sft", "loss_on": how, "lora": peft_config is not None, "world_size": args.world_size,
                "train_rows": len(train_set), "eval_rows": len(eval_set) if eval_set else 0}
 
-    # 5. train (resuming where a killed run stopped); held-out loss before the first step on a fresh start
-    if eval_set is not None and resume is None:
-        trainer.args.eval_on_start = True
-    if resume is not None:
-        logger.info("resuming from %s", resume)
-    t0 = time.perf_counter()
-    out = train(trainer, resume)
-    results.update(steps=trainer.state.global_step, train_minutes=round((time.perf_counter() - t0) / 60, 2),
-                   train_loss=out.training_loss, lambda_final=bitft.get_lambda(trainer.model))
-    start = [h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h]
-    if start:
-        results["before"] = start[0]
-
-    # 6. held-out loss after; save (full checkpoint, or adapters naming the checkpoint as base)
-    if eval_set is not None:
-        results["after"] = trainer.evaluate()
+    # 5. train (resuming where a killed run stopped), held-out loss before (fresh start) and after; save
+    results.update(train_and_evaluate(trainer, resume, evaluate=eval_set is not None))
     trainer.save_model(args.output_dir)
     trainer.save_state()
     if eval_set is not None and peft_config is not None:
