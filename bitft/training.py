@@ -296,6 +296,21 @@ def train(trainer, resume_from_checkpoint=None):
             "Lower the learning rate or check the data, then relaunch the same command to resume.")) from None
 
 
+def start_run(args) -> Path | None:
+    """What every recipe does first: check output_dir, set up logging and wandb, find the checkpoint
+    to resume from (the newest complete one unless resume_from_checkpoint says otherwise), seed."""
+    from transformers import set_seed
+
+    if not args.output_dir:
+        raise ConfigError("output_dir is required")
+    setup_logging(args)
+    setup_wandb(args)
+    resume = resume_checkpoint(args.output_dir, True if args.resume_from_checkpoint is None else args.resume_from_checkpoint,
+                               is_main=args.process_index == 0)
+    set_seed(args.seed)
+    return resume
+
+
 def train_and_evaluate(trainer, resume=None, evaluate: bool = True) -> dict:
     """Train (resuming from RESUME) with held-out figures before the first step (on a fresh start,
     through `eval_on_start`: evaluating before train() leaves a DDP model unwrapped) and after."""

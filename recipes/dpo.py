@@ -27,7 +27,6 @@ import sys
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU; see FACTS
 
-from transformers import set_seed
 from trl import DPOTrainer
 from trl.data_utils import is_conversational
 
@@ -38,7 +37,7 @@ from bitft.chat import (BitDPOConfig, ChatDataError, LoraArguments, PreferenceDa
 from bitft.checkpoint import BitftError
 from bitft.surgery import bit_linears
 from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
-                            logger, resume_checkpoint, setup_logging, setup_wandb, train_and_evaluate)
+                            logger, start_run, train_and_evaluate)
 
 KEYS = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_rewards/chosen", "eval_rewards/rejected")
 
@@ -51,13 +50,7 @@ def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags (TRL's parser)
     model_args, data_args, lora_args, args = parse_trl_config(
         (ModelArguments, PreferenceDataArguments, LoraArguments, BitDPOConfig), argv)
-    if not args.output_dir:
-        raise ConfigError("output_dir is required")
-    setup_logging(args)
-    setup_wandb(args)
-    resume = resume_checkpoint(args.output_dir, True if args.resume_from_checkpoint is None else args.resume_from_checkpoint,
-                               is_main=args.process_index == 0)
-    set_seed(args.seed)
+    resume = start_run(args)
 
     # 2. policy at λ=1; data (a held-out slice); the chat template where the pairs are conversations
     model, tokenizer, is_checkpoint = load_policy(model_args)

@@ -27,7 +27,6 @@ import sys
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU; see FACTS
 
-from transformers import set_seed
 from trl import SFTTrainer
 
 from bitft.chat import (ChatDataArguments, ChatDataError, LoraArguments, BitSFTConfig, apply_template_source,
@@ -35,7 +34,7 @@ from bitft.chat import (ChatDataArguments, ChatDataError, LoraArguments, BitSFTC
                         parse_trl_config, require_chat_template, resolve_assistant_only)
 from bitft.checkpoint import BitftError
 from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
-                            logger, resume_checkpoint, setup_logging, setup_wandb, train_and_evaluate)
+                            logger, start_run, train_and_evaluate)
 
 
 class BitSFTTrainer(BitftTrainerMixin, SFTTrainer):
@@ -45,13 +44,7 @@ class BitSFTTrainer(BitftTrainerMixin, SFTTrainer):
 def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags (TRL's parser)
     model_args, data_args, lora_args, args = parse_trl_config((ModelArguments, ChatDataArguments, LoraArguments, BitSFTConfig), argv)
-    if not args.output_dir:
-        raise ConfigError("output_dir is required")
-    setup_logging(args)
-    setup_wandb(args)
-    resume = resume_checkpoint(args.output_dir, True if args.resume_from_checkpoint is None else args.resume_from_checkpoint,
-                               is_main=args.process_index == 0)
-    set_seed(args.seed)
+    resume = start_run(args)
 
     # 2. model at λ=1 and its chat template
     model, tokenizer, is_checkpoint = load_policy(model_args)

@@ -21,12 +21,11 @@ import json
 import math
 import os
 import sys
-import time
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU; see FACTS
 
 import torch
-from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
 import bitft
 from bitft.checkpoint import BitftError, load_source
@@ -34,7 +33,7 @@ from bitft.data import DataArguments, DataError, build_datasets
 from bitft.schedule import LambdaArguments, LambdaCallback
 from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
                             ThroughputCallback, install_progress, logger, model_source, parse_config,
-                            resume_checkpoint, setup_logging, setup_wandb, train)
+                            start_run, train_and_evaluate)
 
 
 class WarmupTrainer(BitftTrainerMixin, Trainer):
@@ -67,14 +66,8 @@ def main(argv=None) -> dict:
         (ModelArguments, DataArguments, LambdaArguments, TrainingArguments), argv)
     if not model_args.model_name_or_path:
         raise ConfigError("model_name_or_path is required (a bitft checkpoint, hub id, model folder or .gguf)")
-    if not args.output_dir:
-        raise ConfigError("output_dir is required")
-    setup_logging(args)
-    setup_wandb(args)
+    resume = start_run(args)
     schedule = lambda_args.schedule()
-    resume = resume_checkpoint(args.output_dir, True if args.resume_from_checkpoint is None else args.resume_from_checkpoint,
-                               is_main=args.process_index == 0)
-    set_seed(args.seed)
 
     # 2. model: BitLinear everywhere the decoder has a linear layer, λ from the schedule
     model, tokenizer = load_model(model_args, lam=schedule(0))
@@ -103,23 +96,12 @@ def main(argv=None) -> dict:
     # 5. train (resuming where a killed run stopped); evaluations run at λ=1, the first one
     #    before the first step on a fresh start
     trainer.eval_lambda = 1.0
-    if eval_set and resume is None:
-        trainer.args.eval_on_start = True
-    if resume is not None:
-        logger.info("resuming from %s", resume)
-    t0 = time.perf_counter()
-    out = train(trainer, resume)
-    results.update(steps=trainer.state.global_step, tokens=trainer.state.global_step * tokens_per_step,
-                   train_minutes=round((time.perf_counter() - t0) / 60, 2), train_loss=out.training_loss,
-                   lambda_final=lambda_cb.current)
-    start = [h for h in trainer.state.log_history if h.get("step") == 0 and "eval_perplexity" in h]
-    if start:
-        results["before"] = start[0]
-
-    # 6. held-out λ=1 perplexity after, and the final converted checkpoint (loads with from_pretrained)
-    if eval_set:
-        results["after"] = trainer.evaluate()
+    results.update(train_and_evaluate(trainer, resume, evaluate=bool(eval_set)))
+    results["tokens"] = results["steps"] * tokens_per_step
+    if "after" in results:
         results["after"]["eval_perplexity"] = math.exp(results["after"]["eval_loss"])
+
+    # 6. the final converted checkpoint (loads with from_pretrained)
     bitft.set_lambda(trainer.model, schedule(trainer.state.global_step))
     trainer.save_model(args.output_dir)
     trainer.save_state()

@@ -47,3 +47,31 @@ def cli_refuses(capsys, folder: Path, argv: list) -> str:
     assert len(err.splitlines()) == 1 and err.startswith("bitft: error: "), err
     assert sorted(p.name for p in folder.iterdir()) == before
     return err
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def with_tokenizer(folder: Path, tokenizer_folder: Path) -> Path:
+    """Copy a tokenizer (and its chat template) into FOLDER."""
+    import shutil
+
+    for f in TOKENIZER_FILES:
+        if (tokenizer_folder / f).is_file():
+            shutil.copy(tokenizer_folder / f, folder / f)
+    return folder
+
+
+def wide_llama(folder: Path, tokenizer_folder: Path):
+    """A random λ=1 Llama whose widths are multiples of 256 (so every linear is TQ-packed), saved in
+    FOLDER with the tokenizer of TOKENIZER_FOLDER (49152 entries, e.g. SmolLM2's). Returns the model."""
+    import bitft
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = bitft.convert_model(AutoModelForCausalLM.from_config(cfg).eval(), lam=1.0)
+    model.save_pretrained(folder)
+    with_tokenizer(folder, tokenizer_folder)
+    return model

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 import bitft
 from bitft.cli import main
 from bitft.evaluate import TransformersBackend, perplexity, split_windows, token_windows
-from helpers import DATA, cli_refuses, tiny_model
+from helpers import DATA, cli_refuses, tiny_model, wide_llama
 
 WIKITEXT = DATA / "eval" / "wikitext2_test.raw"
 
@@ -144,22 +144,11 @@ def test_refusals(tmp_path, capsys, text_file):
 @pytest.fixture(scope="module")
 def wide_gguf(tmp_path_factory, smollm2_folder):
     """A random λ=1 Llama (widths of 256, SmolLM2's tokenizer) and its GGUF export."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from bitft.export.gguf import export_gguf
 
     pytest.importorskip("llama_cpp")
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = bitft.convert_model(AutoModelForCausalLM.from_config(cfg).eval(), lam=1.0)
     folder = tmp_path_factory.mktemp("wide") / "ckpt"
-    model.save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_folder / f, folder / f)
+    wide_llama(folder, smollm2_folder)
     export_gguf(folder, folder.parent / "m.gguf", float_type="f32", tokenizer_pre="smollm")
     return folder, folder.parent / "m.gguf"
 

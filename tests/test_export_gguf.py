@@ -1,38 +1,22 @@
 """`bitft export --gguf`, checked by llama.cpp itself (llama-cpp-python, the `gguf` extra)."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bitft
 from bitft.export.gguf import export_gguf
-from helpers import cli_refuses, tiny_model
+from helpers import cli_refuses, tiny_model, wide_llama, with_tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
-def with_tokenizer(folder, smollm2_folder):
-    for f in TOKENIZER_FILES:
-        if (smollm2_folder / f).is_file():
-            shutil.copy(smollm2_folder / f, folder / f)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory, smollm2_folder):
     """A random Llama whose widths are multiples of 256, so every linear is ternary-packed."""
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = bitft.convert_model(AutoModelForCausalLM.from_config(cfg).eval(), lam=1.0)
     folder = tmp_path_factory.mktemp("wide") / "ckpt"
-    model.save_pretrained(folder)
-    return model, with_tokenizer(folder, smollm2_folder)
+    return wide_llama(folder, smollm2_folder), folder
 
 
 def llama_logits(path, ids):
