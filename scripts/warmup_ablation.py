@@ -1,0 +1,245 @@
+"""Abrupt quantization against linear and sigmoid λ warmup, at equal tokens: the README's warmup evidence.
+
+    python scripts/warmup_ablation.py                   # SmolLM2-135M, 3 × 120 steps × 512 tokens
+    python scripts/warmup_ablation.py --steps 240       # longer; any extra flag goes to the recipe
+
+Each variant is the warmup recipe (recipes/warmup_10B.py with configs/demo/warmup.yaml, through
+`accelerate launch --cpu`), the same model, data order, seed, learning rate and steps; only the λ
+schedule differs:
+
+    abrupt    λ = 1 from step 0 (quantization-aware training from the start)
+    linear    λ = min(step / W, 1)                       W = --warmup-steps (default: half the run)
+    sigmoid   λ = the logistic curve of slope k over W steps, 0 at step 0 and 1 at step W
+
+During training, held-out perplexity is measured every --eval-steps steps at λ = 1 (the ternary
+model, whatever λ the run trains at), on the recipe's held-out blocks of the pre-training text.
+At the end each final checkpoint (λ = 1 for every variant) goes through `bitft eval`: WikiText-2
+perplexity (--ppl-windows × 2048 tokens) and a short zero-shot subset (--tasks, first --limit
+examples); the original full-precision model gets the same, as the bar to aim at.
+
+Writes OUT/warmup_ablation.{png,md,json}. A variant whose run finished is not rerun (delete its
+folder to redo it), so a second call only redraws. Run time on the 2-core CPU: see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+VARIANTS = ("abrupt", "linear", "sigmoid")
+TITLES = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HS", "boolq": "BQ", "openbookqa": "OQ",
+          "piqa": "PQ", "winogrande": "WGe"}
+
+
+def schedule_flags(variant: str, warmup: int, k: float) -> list[str]:
+    if variant == "abrupt":
+        return ["--lambda_schedule", "linear", "--lambda_warmup_steps", "0"]
+    return ["--lambda_schedule", variant, "--lambda_warmup_steps", str(warmup), "--lambda_k", str(k)]
+
+
+def run(cmd: list[str], env: dict, log: Path) -> str:
+    """Run CMD with its stderr (and progress) in LOG; its stdout back."""
+    print("$", " ".join(str(c) for c in cmd), f" 2> {log}", flush=True)
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
+    if r.returncode:
+        sys.exit(f"failed (exit {r.returncode}); the last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
+    return r.stdout
+
+
+def train(variant: str, a, extra: list[str], out: Path, env: dict) -> None:
+    """One recipe run into OUT/VARIANT, unless it already finished with the same settings."""
+    d = out / variant
+    settings = {"model": a.model, "config": a.config, "steps": a.steps, "warmup_steps": a.warmup_steps, "k": a.k,
+                "eval_steps": a.eval_steps, "extra": extra}
+    done = d / "ablation_settings.json"
+    if (d / "warmup_results.json").is_file() and done.is_file() and json.loads(done.read_text()) == settings:
+        print(f"{variant}: finished earlier, kept", flush=True)
+        return
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    cmd = [str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "1", "--num_cpu_threads_per_process",
+           str(a.threads), "recipes/warmup_10B.py", "--config", a.config, "--model_name_or_path", a.model,
+           "--output_dir", str(d), "--max_steps", str(a.steps), "--eval_strategy", "steps",
+           "--eval_steps", str(a.eval_steps), "--logging_steps", str(max(1, a.eval_steps // 2)),
+           "--save_steps", str(a.steps), "--save_total_limit", "1", "--disable_tqdm", "true",
+           *schedule_flags(variant, a.warmup_steps, a.k), *extra]
+    t0 = time.perf_counter()
+    (d / "train.out").write_text(run(cmd, env, d / "train.log"))
+    seconds = time.perf_counter() - t0
+    for ckpt in d.glob("checkpoint-*"):  # the optimizer state is 2× the model; the final weights stay in d
+        shutil.rmtree(ckpt)
+    done.write_text(json.dumps(settings | {"seconds": round(seconds, 1)}, indent=1))
+
+
+def evaluate(name: str, model: str, a, out: Path, env: dict, extra: list[str] = ()) -> dict:
+    """`bitft eval --json` on MODEL (WikiText-2 perplexity + the task subset), cached in OUT/NAME."""
+    d = out / name
+    d.mkdir(parents=True, exist_ok=True)
+    f = d / "ablation_eval.json"
+    settings = {"model": model, "tasks": a.tasks, "limit": a.limit, "ppl_windows": a.ppl_windows, "seqlen": a.ppl_seqlen}
+    if f.is_file() and json.loads(f.read_text()).get("settings") == settings:  # (retraining deletes it)
+        return json.loads(f.read_text())
+    cmd = [str(BIN / "bitft"), "eval", model, "--ppl", "--windows", str(a.ppl_windows), "--seqlen", str(a.ppl_seqlen), "--tasks", *a.tasks,
+           "--limit", str(a.limit), "--json", "--no-progress", *extra]
+    r = json.loads(run(cmd, env, d / "eval.log"))
+    r["settings"] = settings
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(r, indent=1))
+    tmp.replace(f)
+    return r
+
+
+def curves(d: Path) -> dict:
+    """Training loss (at the run's λ), λ and held-out λ=1 perplexity against tokens, from trainer_state.json."""
+    results = json.loads((d / "warmup_results.json").read_text())
+    tps = results["tokens_per_step"]
+    hist = json.loads((d / "trainer_state.json").read_text())["log_history"]
+    train_ = [(h["step"] * tps, h["loss"], h.get("lambda")) for h in hist if "loss" in h and "eval_loss" not in h]
+    evals = {}
+    for h in hist:
+        if "eval_loss" in h:
+            evals[h["step"] * tps] = h["eval_perplexity"]
+    return {"tokens_per_step": tps, "steps": results["steps"], "tokens": results["tokens"],
+            "train_minutes": results["train_minutes"], "train": train_, "eval": sorted(evals.items())}
+
+
+def plot(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
+    for name, c in runs.items():
+        tok = [t for t, _, _ in c["train"]]
+        axes[0].plot(tok, [lam for _, _, lam in c["train"]], label=name)
+        axes[1].plot(tok, [loss for _, loss, _ in c["train"]], label=name)
+        axes[2].plot([t for t, _ in c["eval"]], [p for _, p in c["eval"]], marker="o", ms=3, label=name)
+    axes[0].set(title="λ during training", xlabel="tokens", ylabel="λ (0 = full precision, 1 = ternary)")
+    axes[1].set(title="training loss (at the run's own λ)", xlabel="tokens", ylabel="cross-entropy")
+    axes[2].set(title="held-out perplexity of the ternary model (λ = 1)", xlabel="tokens", ylabel="perplexity",
+                yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def table(runs: dict, evals: dict, a, machine: str) -> str:
+    def fmt(x):
+        return "–" if x is None else (f"{x:,.0f}" if x >= 1000 else f"{x:.1f}")
+
+    def acc(r, t):
+        m = r["tasks"][t]
+        return m.get("acc_norm", m["acc"])
+
+    tasks = a.tasks
+    head = ["variant", "tokens", "held-out ppl: start", "at W", "end", "WikiText-2 ppl",
+            *[TITLES.get(t, t) for t in tasks], "avg", "train min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in evals.items():
+        c = runs.get(name)
+        ev = dict(c["eval"]) if c else {}
+        w_tok = a.warmup_steps * c["tokens_per_step"] if c else None
+        accs = [acc(r, t) for t in tasks]
+        row = [name if c else "original (full precision, untrained)", f"{c['tokens']:,}" if c else "–",
+               fmt(c["eval"][0][1]) if c else "–", fmt(ev.get(w_tok)) if c else "–", fmt(c["eval"][-1][1]) if c else "–",
+               fmt(r["perplexity"]["ppl"]), *[f"{x:.3f}" for x in accs], f"{sum(accs) / len(accs):.3f}",
+               f"{c['train_minutes']:.1f}" if c else "–"]
+        lines.append("| " + " | ".join(row) + " |")
+    n = next(iter(evals.values()))["tasks"][tasks[0]]["n"]
+    stderr = 0.5 / math.sqrt(n)
+    notes = [
+        "",
+        f"Held-out perplexity is at λ = 1 on the recipe's held-out blocks ({a.config}); W = {a.warmup_steps} steps, "
+        f"where linear and sigmoid reach λ = 1. WikiText-2: {a.ppl_windows} × {a.ppl_seqlen} tokens. Tasks: first {n} examples, "
+        f"acc_norm where the harness reports it (ARC, HellaSwag, PIQA), else acc; one standard error is about "
+        f"±{stderr:.3f} at accuracy 0.5. Machine: {machine}.",
+        "",
+        "Held-out λ=1 perplexity against tokens:",
+        "",
+        "| tokens | " + " | ".join(runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    points = sorted({t for c in runs.values() for t, _ in c["eval"]})
+    for t in points:
+        notes.append(f"| {t:,} | " + " | ".join(fmt(dict(c["eval"]).get(t)) for c in runs.values()) + " |")
+    return "\n".join(lines + notes) + "\n"
+
+
+def machine() -> str:
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="Flags it does not know go to every recipe run (e.g. --learning_rate 1e-4).")
+    p.add_argument("--model", default="smollm2", help="source to convert (default: the SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--config", default="configs/demo/warmup.yaml", help="the recipe config every variant starts from")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--steps", type=int, default=120, help="optimizer steps per variant (equal tokens)")
+    p.add_argument("--warmup-steps", type=int, help="W: steps until λ reaches 1 (default: half of --steps)")
+    p.add_argument("--k", type=float, default=10.0, help="sigmoid slope")
+    p.add_argument("--eval-steps", type=int, default=10, help="held-out λ=1 perplexity every N steps")
+    p.add_argument("--tasks", nargs="+", default=["arc_easy", "hellaswag", "piqa"])
+    p.add_argument("--limit", type=int, default=200, help="examples per task")
+    p.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 windows")
+    p.add_argument("--ppl-seqlen", type=int, default=2048, help="tokens per WikiText-2 window")
+    p.add_argument("--no-original", action="store_true", help="skip evaluating the original model")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out", default="runs/warmup-ablation")
+    a, extra = p.parse_known_args()
+    if a.warmup_steps is None:
+        a.warmup_steps = a.steps // 2
+    if not 0 < a.warmup_steps <= a.steps:
+        p.error(f"--warmup-steps must be in 1..{a.steps} (the run's steps), got {a.warmup_steps}")
+    os.chdir(REPO)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), TORCHDYNAMO_DISABLE="1",
+               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    t0 = time.perf_counter()
+
+    for v in a.variants:
+        train(v, a, extra, out, env)
+    evals = {}
+    if not a.no_original:
+        from bitft.training import model_source
+
+        evals["original"] = evaluate("original", model_source(a.model), a, out, env, ["--backend", "transformers"])
+    for v in a.variants:
+        evals[v] = evaluate(v, str(out / v), a, out, env)
+
+    runs = {v: curves(out / v) for v in a.variants}
+    if len({c["tokens"] for c in runs.values()}) != 1:
+        sys.exit(f"the variants saw different numbers of tokens: { {v: c['tokens'] for v, c in runs.items()} }")
+    plot(runs, out / "warmup_ablation.png")
+    md = table(runs, evals, a, machine())
+    (out / "warmup_ablation.md").write_text(md)
+    (out / "warmup_ablation.json").write_text(json.dumps({"settings": vars(a) | {"extra": extra}, "curves": runs,
+                                                          "evals": evals}, indent=1))
+    print("\n" + md)
+    print(f"wrote {out / 'warmup_ablation.png'}, {out / 'warmup_ablation.md'}, {out / 'warmup_ablation.json'} "
+          f"({(time.perf_counter() - t0) / 60:.1f} min this call)")
+
+
+if __name__ == "__main__":
+    main()
