@@ -75,7 +75,7 @@ def _eval(args) -> None:
 
     from bitft.checkpoint import BitftError
     from bitft.evaluate import default_text, load_for_eval, perplexity_from_nlls, shared_eval_dir, split_windows, window_nlls
-    from bitft.tasks import TASKS, evaluate_task, parse_tasks
+    from bitft.tasks import TASKS, check_task_file, evaluate_task, parse_tasks
 
     if not args.ppl and not args.tasks:
         raise BitftError("nothing to evaluate: pass --ppl and/or --tasks (e.g. --tasks all)")
@@ -89,9 +89,7 @@ def _eval(args) -> None:
     names = parse_tasks(args.tasks) if args.tasks else []
     tasks_dir = Path(args.tasks_dir) if args.tasks_dir else shared_eval_dir()
     for name in names:  # every file checked before a model is loaded
-        if not (tasks_dir / TASKS[name].filename).is_file():
-            raise BitftError(f"{name}: {tasks_dir / TASKS[name].filename} not found: pass --tasks-dir with the "
-                             f"folder of the local task files (hub fields)")
+        check_task_file(name, tasks_dir)
     text = None
     if args.ppl:
         data = Path(args.data) if args.data else default_text()
@@ -131,15 +129,14 @@ def _eval(args) -> None:
     if names:
         result["tasks"] = {}
         for name in names:
-            r = evaluate_task(backend, tokenizer, name, tasks_dir, args.limit, progress)
-            result["tasks"][name] = r.as_dict()
+            result["tasks"][name] = evaluate_task(backend, tokenizer, name, tasks_dir, args.limit, progress)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(_table(rows))
     if names:
-        print(f"\nzero-shot (lm-evaluation-harness formats, log-likelihood of each choice){'' if args.limit is None else f', first {args.limit} examples'}\n")
+        print(f"\nzero-shot (lm-evaluation-harness task configs on the local files, log-likelihood of each choice){'' if args.limit is None else f', first {args.limit} examples'}\n")
         print("| task | n | acc | acc_norm |")
         print("|---|---|---|---|")
         for name, r in result["tasks"].items():
@@ -189,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--output", "-o", default="lambda_schedules.png")
     ps.set_defaults(func=_plot_schedule)
 
-    ev = sub.add_parser("eval", help="perplexity over non-overlapping windows, zero-shot tasks (lm-eval formats)")
+    ev = sub.add_parser("eval", help="perplexity over non-overlapping windows, zero-shot tasks (lm-evaluation-harness)")
     ev.add_argument("model", help="model folder, hub id, bitft checkpoint, packed export, or .gguf file")
     ev.add_argument("--ppl", action="store_true", help="perplexity of --data over non-overlapping --seqlen windows")
     ev.add_argument("--data", help="raw text file for --ppl (default: ../shared/data/eval/wikitext2_test.raw)")

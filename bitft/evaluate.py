@@ -71,6 +71,11 @@ def window_nlls(backend, windows: torch.Tensor, progress: bool = False) -> list[
     return out
 
 
+def _continuation_score(logprobs: torch.Tensor, cont: torch.Tensor) -> tuple[float, bool]:
+    """(Σ log p of the continuation's tokens, whether each is the argmax) from its [n, vocab] log-probs."""
+    return logprobs.gather(-1, cont[:, None]).sum().item(), bool((logprobs.argmax(-1) == cont).all())
+
+
 def perplexity_from_nlls(nlls: list[float], seqlen: int) -> float:
     return math.exp(sum(nlls) / (len(nlls) * (seqlen - 1)))
 
@@ -98,9 +103,10 @@ class TransformersBackend:
         return _nll_sum(self.model(ids.unsqueeze(0)).logits[0], ids)
 
     @torch.no_grad()
-    def loglikelihoods(self, pairs) -> list[float]:
-        """Σ log p(continuation | context) for each (context ids, continuation ids), one batch
-        (right-padded) per call; inputs longer than max_length + 1 lose their left end."""
+    def loglikelihoods(self, pairs) -> list[tuple[float, bool]]:
+        """(Σ log p(continuation | context), whether greedy decoding gives the continuation) for each
+        (context ids, continuation ids), one batch (right-padded) per call; inputs longer than
+        max_length + 1 lose their left end."""
         seqs, conts = [], []
         for ctx, cont in pairs:
             full = (list(ctx) + list(cont))[-(self.max_length + 1):][:-1]
@@ -116,7 +122,7 @@ class TransformersBackend:
         out = []
         for i, (s, cont) in enumerate(zip(seqs, conts)):
             lp = logits[i, len(s) - len(cont):len(s)].float().log_softmax(-1)
-            out.append(lp.gather(-1, torch.tensor(cont, device=lp.device)[:, None]).sum().item())
+            out.append(_continuation_score(lp, torch.tensor(cont, device=lp.device)))
         return out
 
 
@@ -168,13 +174,13 @@ class LlamaCppBackend:
         logits = torch.from_numpy(self._eval(ids).copy())
         return _nll_sum(logits, torch.tensor(ids))
 
-    def loglikelihoods(self, pairs) -> list[float]:
+    def loglikelihoods(self, pairs) -> list[tuple[float, bool]]:
         out = []
         for ctx, cont in pairs:
             full = (list(ctx) + list(cont))[-(self.max_length + 1):][:-1]
             scores = self._eval(full)
-            lp = torch.from_numpy(scores[len(full) - len(cont):len(full)].copy()).log_softmax(-1)
-            out.append(lp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
+            lp = torch.from_numpy(scores[len(full) - len(cont):len(full)].copy()).float().log_softmax(-1)
+            out.append(_continuation_score(lp, torch.tensor(cont)))
         return out
 
 

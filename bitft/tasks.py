@@ -1,112 +1,59 @@
-"""Zero-shot multiple-choice tasks, scored the way lm-evaluation-harness (0.4.x) scores them.
+"""Zero-shot multiple-choice tasks through lm-evaluation-harness, on local files.
 
-Each example becomes one (context, continuation) request per choice; the model's score for a choice
-is the summed log-likelihood of the continuation's tokens given the context. The prompt formats are
-the harness's task configs, read from its task files (lm_eval 0.4.9):
+Each task is the harness's own task config (its YAML in lm_eval/tasks: prompt, choices, target,
+metrics, preprocessing), with the dataset swapped for the local jsonl file with the hub's fields
+(../shared/data/eval): `dataset_path: json`, `data_files: {validation: FILE}`, validation split
+evaluated, zero-shot. BoolQ's file has google/boolq's boolean `answer`; the harness's config
+(super_glue) reads `label`, so label = int(answer) is added on load.
 
-| task | context | continuations | metrics |
-|---|---|---|---|
-| arc_easy, arc_challenge | "Question: {question}\\nAnswer:" | " {choice}" for each choices.text | acc, acc_norm |
-| hellaswag | preprocess("{activity_label}: {ctx_a} {ctx_b.capitalize()}") | " {preprocess(ending)}" | acc, acc_norm |
-| piqa | "Question: {goal}\\nAnswer:" | " {sol1}", " {sol2}" | acc, acc_norm |
-| boolq | "{passage}\\nQuestion: {question}?\\nAnswer:" | " no", " yes" | acc |
-| openbookqa | "{question_stem}" | " {choice}" | acc, acc_norm |
-| winogrande | the sentence up to "_", with the option substituted (one context per option) | " {the shared rest of the sentence}" (partial evaluation) | acc |
+The harness builds the requests and computes the metrics; `HarnessLM` answers its loglikelihood
+requests with a bitft backend (transformers or llama.cpp, see bitft.evaluate):
 
-acc: the gold choice has the highest log-likelihood. acc_norm: the gold choice has the highest
-log-likelihood divided by the length of the choice string (the harness's `len(choice)`: characters
-of the choice without the leading space, which is its UTF-8 byte length for ASCII text).
-Tokenization follows the harness's `_encode_pair`: trailing whitespace of the context moves to
-the continuation, the pair is tokenized as one string (no special tokens) and the continuation's
-tokens are those after the context's own tokenization. Inputs longer than the model's context are
-cut on the left, as the harness does. Ties go to the first choice (numpy argmax).
+    score(choice) = Σ log p(continuation tokens | context tokens)
 
-The data are local jsonl files with the hub datasets' fields (../shared/data/eval).
+tokenized as the harness's HFLM does (`encode_pair`: trailing whitespace of the context moves to
+the continuation; the pair is tokenized as one string without special tokens; the continuation is
+what follows the context's own tokens; inputs longer than the model's context lose their left
+end). acc: the gold choice scores highest; acc_norm: score ÷ character length of the choice;
+stderr = sample standard deviation / √n. `--limit N` keeps the first N examples.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import json
-import math
-import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from bitft.checkpoint import BitftError
 
 
-@dataclass
-class Doc:
-    requests: list[tuple[str, str]]  # (context, continuation) per choice
-    choices: list[str]               # what acc_norm measures the length of
-    gold: int
-
-
-@dataclass
-class Task:
-    name: str
-    filename: str
+@dataclass(frozen=True)
+class LocalTask:
+    name: str          # the harness's task name
+    harness_yaml: str  # its config, relative to lm_eval/tasks
+    filename: str      # the local jsonl file (hub fields)
     fields: tuple[str, ...]
-    to_doc: Callable[[dict], Doc]
-    metrics: tuple[str, ...] = ("acc", "acc_norm")
-    title: str = ""
-
-
-def _mc(context: str, choices: list[str], gold: int) -> Doc:
-    return Doc([(context, f" {c}") for c in choices], list(choices), gold)
-
-
-def _arc(d):
-    return _mc(f"Question: {d['question']}\nAnswer:", d["choices"]["text"], d["choices"]["label"].index(d["answerKey"]))
-
-
-def hellaswag_preprocess(text: str) -> str:
-    text = text.strip()
-    text = text.replace(" [title]", ". ")  # WikiHow artifacts
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _hellaswag(d):
-    ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
-    return _mc(hellaswag_preprocess(d["activity_label"] + ": " + ctx),
-               [hellaswag_preprocess(e) for e in d["endings"]], int(d["label"]))
-
-
-def _piqa(d):
-    return _mc(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], int(d["label"]))
-
-
-def _boolq(d):
-    answer = d["answer"] if "answer" in d else bool(d["label"])  # hub `google/boolq` has answer; super_glue has label
-    return _mc(f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ["no", "yes"], int(bool(answer)))
-
-
-def _openbookqa(d):
-    return _mc(d["question_stem"], d["choices"]["text"], d["choices"]["label"].index(d["answerKey"].lstrip()))
-
-
-def _winogrande(d):
-    s = d["sentence"]
-    i = s.index("_")
-    suffix = s[i + 1:].strip()
-    contexts = [s[:i] + d["option1"], s[:i] + d["option2"]]
-    return Doc([(c, f" {suffix}") for c in contexts], contexts, {"1": 0, "2": 1}[str(d["answer"])])
+    title: str
 
 
 TASKS = {t.name: t for t in [
-    Task("arc_easy", "arc_easy_validation.jsonl", ("question", "choices", "answerKey"), _arc, title="ARC-Easy"),
-    Task("arc_challenge", "arc_challenge_validation.jsonl", ("question", "choices", "answerKey"), _arc,
-         title="ARC-Challenge"),
-    Task("hellaswag", "hellaswag_validation_sample500_seed0.jsonl",
-         ("activity_label", "ctx_a", "ctx_b", "endings", "label"), _hellaswag, title="HellaSwag"),
-    Task("piqa", "piqa_validation.jsonl", ("goal", "sol1", "sol2", "label"), _piqa, title="PIQA"),
-    Task("boolq", "boolq_validation_sample500_seed0.jsonl", ("passage", "question"), _boolq, ("acc",), "BoolQ"),
-    Task("openbookqa", "openbookqa_main_validation.jsonl", ("question_stem", "choices", "answerKey"), _openbookqa,
-         title="OpenBookQA"),
-    Task("winogrande", "winogrande_xl_validation.jsonl", ("sentence", "option1", "option2", "answer"), _winogrande,
-         ("acc",), "WinoGrande"),
+    LocalTask("arc_easy", "arc/arc_easy.yaml", "arc_easy_validation.jsonl", ("question", "choices", "answerKey"),
+              "ARC-Easy"),
+    LocalTask("arc_challenge", "arc/arc_challenge.yaml", "arc_challenge_validation.jsonl",
+              ("question", "choices", "answerKey"), "ARC-Challenge"),
+    LocalTask("hellaswag", "hellaswag/hellaswag.yaml", "hellaswag_validation_sample500_seed0.jsonl",
+              ("activity_label", "ctx_a", "ctx_b", "endings", "label"), "HellaSwag"),
+    LocalTask("piqa", "piqa/piqa.yaml", "piqa_validation.jsonl", ("goal", "sol1", "sol2", "label"), "PIQA"),
+    LocalTask("boolq", "super_glue/boolq/default.yaml", "boolq_validation_sample500_seed0.jsonl",
+              ("passage", "question"), "BoolQ"),
+    LocalTask("openbookqa", "openbookqa/openbookqa.yaml", "openbookqa_main_validation.jsonl",
+              ("question_stem", "choices", "answerKey"), "OpenBookQA"),
+    LocalTask("winogrande", "winogrande/default.yaml", "winogrande_xl_validation.jsonl",
+              ("sentence", "option1", "option2", "answer"), "WinoGrande"),
 ]}
 
 
@@ -129,46 +76,60 @@ def parse_tasks(spec) -> list[str]:
     return names
 
 
-def task_file(task: Task, folder: Path) -> Path:
+def check_task_file(name: str, folder: Path) -> Path:
+    """The task's local file, every line checked (JSON, the hub fields the harness reads)."""
+    task = TASKS[name]
     path = Path(folder) / task.filename
     if not path.is_file():
-        raise BitftError(f"{task.name}: {path} not found: pass --tasks-dir with the folder of the local "
+        raise BitftError(f"{name}: {path} not found: pass --tasks-dir with the folder of the local "
                          f"task files ({task.filename}, hub fields)")
-    return path
-
-
-def load_docs(name: str, folder: Path, limit: int | None = None) -> list[Doc]:
-    """The first LIMIT examples of task NAME from its jsonl file in FOLDER, as Docs."""
-    task = TASKS[name]
-    path = task_file(task, folder)
-    docs = []
+    rows = 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if limit is not None and len(docs) >= limit:
-                break
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise BitftError(f"{path}:{lineno} is not valid JSON ({e})") from None
-            missing = [k for k in task.fields if k not in row]
+            missing = [k for k in task.fields + (("label",) if name == "boolq" and "answer" not in row else ())
+                       if k not in row]
             if missing:
-                raise BitftError(f"{path}:{lineno} lacks {', '.join(missing)}: {task.name} expects the hub "
+                raise BitftError(f"{path}:{lineno} lacks {', '.join(missing)}: {name} expects the hub "
                                  f"fields {', '.join(task.fields)}")
-            try:
-                docs.append(task.to_doc(row))
-            except (ValueError, KeyError, TypeError, IndexError) as e:
-                raise BitftError(f"{path}:{lineno} is not a valid {task.name} example ({type(e).__name__}: {e})") from None
-    if not docs:
+            rows += 1
+    if not rows:
         raise BitftError(f"{path} has no examples")
-    return docs
+    return path
 
 
-# ----------------------------------------------------------------------------- scoring
+def _boolq_label(dataset):
+    if "label" in dataset.column_names:
+        return dataset
+    return dataset.map(lambda d: {"label": int(bool(d["answer"]))})
+
+
+def harness_config(name: str, folder: Path) -> dict:
+    """The harness's config of task NAME, reading the local file in FOLDER instead of the hub."""
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    task = TASKS[name]
+    cfg = load_yaml(Path(lm_eval.tasks.__file__).parent / task.harness_yaml, resolve_func=True)
+    for key in ("tag", "group"):
+        cfg.pop(key, None)
+    cfg.update(dataset_path="json", dataset_name=None,
+               dataset_kwargs={"data_files": {"validation": str(check_task_file(name, folder))}},
+               training_split=None, validation_split="validation", test_split=None, fewshot_split=None,
+               num_fewshot=0)
+    if name == "boolq":
+        cfg["process_docs"] = _boolq_label
+        cfg["metric_list"] = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]  # its defaults, said
+    return cfg
+
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """The harness's _encode_pair: context and continuation token ids (no special tokens)."""
+    """The harness's HFLM._encode_pair: context and continuation token ids (no special tokens)."""
     if context == "":  # the harness scores such a continuation after the end-of-text token
         eos = tokenizer.eos_token_id
         return [eos if eos is not None else 0], tokenizer(continuation, add_special_tokens=False).input_ids
@@ -181,57 +142,76 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return whole[:len(ctx)], whole[len(ctx):]
 
 
-def score_doc(doc: Doc, lls: list[float]) -> dict:
-    """acc and acc_norm of one example from the log-likelihoods of its choices."""
-    def argmax(xs):
-        return max(range(len(xs)), key=lambda i: (xs[i], -i))  # first of equals, as numpy
+def _harness_lm():
+    from lm_eval.api.model import LM
 
-    pred = argmax(lls)
-    pred_norm = argmax([ll / len(c) for ll, c in zip(lls, doc.choices)])
-    return {"acc": float(pred == doc.gold), "acc_norm": float(pred_norm == doc.gold), "pred": pred,
-            "pred_norm": pred_norm}
+    class HarnessLM(LM):
+        """The harness's model interface, answered by a bitft backend (loglikelihood requests only)."""
+
+        def __init__(self, backend, tokenizer, progress: bool = False, desc: str = "examples"):
+            super().__init__()
+            self.backend, self.tokenizer, self.progress, self.desc = backend, tokenizer, progress, desc
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            from tqdm.auto import tqdm
+
+            out = []
+            # the requests of one example (its choices) are adjacent: one backend call for all of them
+            groups = [list(g) for _, g in itertools.groupby(requests, key=lambda r: (r.task_name, r.doc_id))]
+            for group in tqdm(groups, desc=self.desc, disable=disable_tqdm or not self.progress):
+                pairs = [encode_pair(self.tokenizer, *r.args) for r in group]
+                out.extend(self.backend.loglikelihoods(pairs))
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("bitft eval runs multiple-choice tasks only (loglikelihood requests)")
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("bitft eval runs multiple-choice tasks only (loglikelihood requests)")
+
+    return HarnessLM
 
 
-def mean_stderr(values: list[float]) -> float:
-    """The harness's stderr of a mean: sample standard deviation (n-1) / sqrt(n)."""
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    mu = sum(values) / n
-    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
+@contextlib.contextmanager
+def _quiet(quiet: bool):
+    """No progress bars from datasets and from the harness's request building while QUIET."""
+    if not quiet:
+        yield
+        return
+    import datasets
+    import lm_eval.api.task as harness_task
+    from tqdm import tqdm
 
-
-@dataclass
-class TaskResult:
-    name: str
-    n: int
-    metrics: dict = field(default_factory=dict)  # metric -> (value, stderr)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        out = {"n": self.n, "seconds": round(self.seconds, 1)}
-        for k, (v, se) in self.metrics.items():
-            out[k] = v
-            out[f"{k}_stderr"] = se
-        return out
+    was_enabled, bar = datasets.is_progress_bar_enabled(), harness_task.tqdm
+    datasets.disable_progress_bars()
+    harness_task.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        harness_task.tqdm = bar
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def evaluate_task(backend, tokenizer, name: str, folder: Path, limit: int | None = None,
-                  progress: bool = False) -> TaskResult:
-    """Score task NAME with BACKEND (see bitft.evaluate): acc (and acc_norm where the harness reports it)."""
-    import time
+                  progress: bool = False) -> dict:
+    """Run task NAME through the harness with BACKEND: {n, acc, acc_stderr[, acc_norm, acc_norm_stderr], seconds}."""
+    import logging
 
-    from tqdm.auto import tqdm
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
 
-    task = TASKS[name]
-    docs = load_docs(name, folder, limit)
+    cfg = harness_config(name, folder)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    per = {m: [] for m in task.metrics}
-    for doc in tqdm(docs, desc=name, disable=not progress):
-        pairs = [encode_pair(tokenizer, c, x) for c, x in doc.requests]
-        lls = backend.loglikelihoods(pairs)
-        s = score_doc(doc, lls)
-        for m in task.metrics:
-            per[m].append(s[m])
-    metrics = {m: (sum(v) / len(v), mean_stderr(v)) for m, v in per.items()}
-    return TaskResult(name, len(docs), metrics, time.perf_counter() - t0)
+    lm = _harness_lm()(backend, tokenizer, progress, desc=name)
+    with _quiet(not progress):
+        res = evaluator.simple_evaluate(model=lm, tasks=[cfg], limit=limit, log_samples=False,
+                                        task_manager=TaskManager(include_defaults=False))
+    metrics = res["results"][name]
+    out = {"n": res["n-samples"][name]["effective"], "seconds": round(time.perf_counter() - t0, 1)}
+    for m in ("acc", "acc_norm"):
+        if f"{m},none" in metrics:
+            out[m] = metrics[f"{m},none"]
+            out[f"{m}_stderr"] = metrics[f"{m}_stderr,none"]
+    return out

@@ -167,6 +167,13 @@ def test_gguf_through_llama_cpp_matches_the_checkpoint(wide_gguf, tmp_path, caps
     assert b == pytest.approx(a, abs=0.02) and c == pytest.approx(a, abs=0.02)
     err = cli_refuses(capsys, tmp_path, ["eval", gguf, *args, "--lambda", 0.5])
     assert "GGUF file" in err and "--lambda" in err
+    # the harness's tasks through llama.cpp too
+    tasks = ["--tasks", "piqa", "winogrande", "--limit", 6]
+    ours, theirs = run_json(capsys, ["eval", folder, *tasks]), run_json(capsys, ["eval", gguf, *tasks])
+    assert theirs["backend"] == "llama.cpp"
+    for name in ("piqa", "winogrande"):
+        assert ours["tasks"][name]["n"] == theirs["tasks"][name]["n"] == 6
+        assert 0 <= theirs["tasks"][name]["acc"] <= 1
 
 
 @pytest.mark.smollm2

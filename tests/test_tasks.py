@@ -1,4 +1,4 @@
-"""Zero-shot tasks: lm-evaluation-harness prompt formats on the local files, scoring, the CLI."""
+"""Zero-shot tasks: the harness's task configs on the local files, bitft's backends answering, the CLI."""
 
 import json
 import math
@@ -6,56 +6,92 @@ import math
 import pytest
 import torch
 
+import bitft.tasks
 from bitft.cli import main
 from bitft.evaluate import TransformersBackend
-from bitft.tasks import TASKS, Doc, encode_pair, evaluate_task, load_docs, mean_stderr, parse_tasks, score_doc
+from bitft.tasks import TASKS, encode_pair, evaluate_task, parse_tasks
 from helpers import DATA, cli_refuses, tiny_model
 from test_evaluate import char_tokenizer, tiny_folder_with_tokenizer
 
 EVAL = DATA / "eval"
 
 
-def test_prompt_formats_on_the_first_rows():
-    d = load_docs("arc_easy", EVAL, 1)[0]
-    assert d.requests[0] == ("Question: Which technology was developed most recently?\nAnswer:", " cellular telephone")
-    assert [c for _, c in d.requests] == [" cellular telephone", " television", " refrigerator", " airplane"]
-    assert d.gold == 0
-    d = load_docs("arc_challenge", EVAL, 1)[0]
-    assert d.requests[0][0].startswith("Question: Juan and LaKeisha") and d.gold == 3
+class LengthBackend:
+    """Scores a continuation −(its number of tokens): with a character tokenizer the shortest choice
+    wins acc, and acc_norm (÷ characters of the choice, without the leading space) the longest."""
 
-    d = load_docs("hellaswag", EVAL, 1)[0]
-    assert d.requests[3] == ("Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady",
-                             " stands and lifts the weight over her head.")
-    assert d.gold == 3
+    def loglikelihoods(self, pairs):
+        return [(-float(len(cont)), False) for _, cont in pairs]
 
-    d = load_docs("piqa", EVAL, 1)[0]
-    assert d.requests[0][0] == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
-    assert d.requests[1][1].startswith(" Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans")
-    assert d.gold == 0
 
-    d = load_docs("boolq", EVAL, 1)[0]
-    assert d.requests[0][0].endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
-    assert [c for _, c in d.requests] == [" no", " yes"] and d.gold == 0  # answer: false
-    assert TASKS["boolq"].metrics == ("acc",)
+def requests_of(monkeypatch, name, limit):
+    """The (context, continuation) strings the harness asks bitft to score for the first LIMIT examples."""
+    seen = []
+    real = bitft.tasks.encode_pair
 
-    d = load_docs("openbookqa", EVAL, 1)[0]
-    assert d.requests[0] == ("Frilled sharks and angler fish live far beneath the surface of the ocean, "
-                             "which is why they are known as", " Deep sea animals")
-    assert d.gold == 0
+    def recording(tok, ctx, cont):
+        seen.append((ctx, cont))
+        return real(tok, ctx, cont)
 
-    d = load_docs("winogrande", EVAL, 1)[0]  # partial evaluation: option in the context, shared suffix scored
-    assert d.requests == [("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
-                          ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases.")]
-    assert d.gold == 1 and TASKS["winogrande"].metrics == ("acc",)
+    monkeypatch.setattr(bitft.tasks, "encode_pair", recording)
+    r = evaluate_task(LengthBackend(), char_tokenizer(), name, EVAL, limit=limit)
+    assert r["n"] == limit
+    return seen, r
+
+
+def test_prompt_formats_on_the_first_rows(monkeypatch):
+    reqs, _ = requests_of(monkeypatch, "arc_easy", 1)
+    assert reqs[0] == ("Question: Which technology was developed most recently?\nAnswer:", " cellular telephone")
+    assert [c for _, c in reqs] == [" cellular telephone", " television", " refrigerator", " airplane"]
+    reqs, _ = requests_of(monkeypatch, "arc_challenge", 1)
+    assert reqs[0][0].startswith("Question: Juan and LaKeisha")
+
+    reqs, _ = requests_of(monkeypatch, "hellaswag", 1)
+    assert reqs[3] == ("Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady",
+                       " stands and lifts the weight over her head.")
+
+    reqs, _ = requests_of(monkeypatch, "piqa", 1)
+    assert reqs[0][0] == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+    assert reqs[1][1].startswith(" Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans")
+
+    reqs, r = requests_of(monkeypatch, "boolq", 1)  # google/boolq's `answer` (false) read as label 0
+    assert reqs[0][0].endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
+    assert [c for _, c in reqs] == [" no", " yes"]
+    assert r["acc"] == 1.0 and "acc_norm" not in r  # " no" is the shorter choice, and the gold one
+
+    reqs, _ = requests_of(monkeypatch, "openbookqa", 1)
+    assert reqs[0] == ("Frilled sharks and angler fish live far beneath the surface of the ocean, "
+                       "which is why they are known as", " Deep sea animals")
+
+    reqs, r = requests_of(monkeypatch, "winogrande", 1)  # partial evaluation: option in the context, shared suffix scored
+    assert reqs == [("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
+                    ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases.")]
+    assert r["acc"] == 0.0 and "acc_norm" not in r  # equal scores go to the first option; the gold is the second
+
+
+def test_gold_answers_and_both_metrics_from_the_local_file():
+    """acc / acc_norm on ARC-Easy's first 50 rows, recomputed from the jsonl by hand."""
+    rows = [json.loads(line) for line in (EVAL / "arc_easy_validation.jsonl").read_text().splitlines()[:50]]
+    acc, acc_norm = [], []
+    for row in rows:
+        texts, gold = row["choices"]["text"], row["choices"]["label"].index(row["answerKey"])
+        tok_lens = [len(" " + t) for t in texts]  # one token per character
+        acc.append(float(tok_lens.index(min(tok_lens)) == gold))
+        per_char = [-n / len(t) for n, t in zip(tok_lens, texts)]
+        acc_norm.append(float(per_char.index(max(per_char)) == gold))
+    r = evaluate_task(LengthBackend(), char_tokenizer(), "arc_easy", EVAL, limit=50)
+    assert r["n"] == 50
+    assert r["acc"] == pytest.approx(sum(acc) / 50) and r["acc_norm"] == pytest.approx(sum(acc_norm) / 50)
+    sd = lambda xs: math.sqrt(sum((x - sum(xs) / 50) ** 2 for x in xs) / 49 / 50)  # noqa: E731
+    assert r["acc_stderr"] == pytest.approx(sd(acc)) and r["acc_norm_stderr"] == pytest.approx(sd(acc_norm))
+    assert 0 < r["acc"] < 1 and r["acc"] != r["acc_norm"]  # the check can tell the two apart
 
 
 def test_every_local_file_loads_whole():
     sizes = {"arc_easy": 570, "arc_challenge": 299, "hellaswag": 500, "piqa": 1838, "boolq": 500,
              "openbookqa": 500, "winogrande": 1267}
     for name, n in sizes.items():
-        docs = load_docs(name, EVAL)
-        assert len(docs) == n
-        assert all(0 <= d.gold < len(d.requests) == len(d.choices) for d in docs)
+        assert evaluate_task(LengthBackend(), char_tokenizer(), name, EVAL)["n"] == n
 
 
 def test_encode_pair_moves_trailing_space_to_the_continuation():
@@ -66,25 +102,19 @@ def test_encode_pair_moves_trailing_space_to_the_continuation():
     assert encode_pair(tok, "", "yes") == ([tok.eos_token_id], ids("yes"))
 
 
-def test_scoring_picks_the_highest_loglikelihood_and_acc_norm_divides_by_length():
-    doc = Doc([("q", " a"), ("q", " bbbbbb"), ("q", " cc")], ["a", "bbbbbb", "cc"], gold=1)
-    s = score_doc(doc, [-3.0, -6.0, -5.0])
-    assert s["pred"] == 0 and s["acc"] == 0.0            # raw: -3 is highest
-    assert s["pred_norm"] == 1 and s["acc_norm"] == 1.0  # per character: -3/1, -6/6 = -1, -5/2
-    assert score_doc(doc, [-2.0, -2.0, -9.0])["pred"] == 0  # ties go to the first choice, as numpy.argmax
-    assert mean_stderr([1.0, 0.0, 1.0, 0.0]) == pytest.approx(math.sqrt(1 / 3 / 4))
-
-
 def test_loglikelihood_is_the_sum_over_the_continuation_tokens(tmp_path):
     model, tok = tiny_model("llama"), char_tokenizer()
     backend = TransformersBackend(model)
     pairs = [encode_pair(tok, "Question: why?\nAnswer:", f" {c}") for c in ("yes", "no", "because")]
     got = backend.loglikelihoods(pairs)  # one right-padded batch
-    for (ctx, cont), ll in zip(pairs, got):
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0], -1)
         by_hand = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
         assert ll == pytest.approx(by_hand, abs=1e-4)
+        assert greedy == all(logp[len(ctx) - 1 + i].argmax().item() == t for i, t in enumerate(cont))
+    greedy_cont = [int(model(torch.tensor([pairs[0][0]])).logits[0, -1].argmax())]
+    assert backend.loglikelihoods([(pairs[0][0], greedy_cont)])[0][1] is True
     # inputs longer than the context lose their left end
     short = TransformersBackend(model, max_length=8)
     ctx, cont = pairs[2]
@@ -92,18 +122,7 @@ def test_loglikelihood_is_the_sum_over_the_continuation_tokens(tmp_path):
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([cut[:-1]])).logits[0], -1)
     by_hand = sum(logp[8 - len(cont) + i, t].item() for i, t in enumerate(cont))
-    assert short.loglikelihoods([(ctx, cont)])[0] == pytest.approx(by_hand, abs=1e-4)
-
-
-def test_evaluate_task_counts_what_score_doc_says():
-    model, tok = tiny_model("llama"), char_tokenizer()
-    backend = TransformersBackend(model)
-    r = evaluate_task(backend, tok, "openbookqa", EVAL, limit=4)
-    docs = load_docs("openbookqa", EVAL, 4)
-    scores = [score_doc(d, backend.loglikelihoods([encode_pair(tok, c, x) for c, x in d.requests])) for d in docs]
-    assert r.n == 4
-    assert r.metrics["acc"][0] == sum(s["acc"] for s in scores) / 4
-    assert r.metrics["acc_norm"][0] == sum(s["acc_norm"] for s in scores) / 4
+    assert short.loglikelihoods([(ctx, cont)])[0][0] == pytest.approx(by_hand, abs=1e-4)
 
 
 def test_parse_tasks():
@@ -143,5 +162,5 @@ def test_task_refusals(tmp_path, capsys):
 def test_smollm2_arc_easy_above_chance(smollm2):
     model, tokenizer = smollm2
     r = evaluate_task(TransformersBackend(model), tokenizer, "arc_easy", EVAL, limit=40)
-    print(f"SmolLM2 ARC-Easy, first 40: acc {r.metrics['acc'][0]:.3f}, acc_norm {r.metrics['acc_norm'][0]:.3f}")
-    assert r.metrics["acc"][0] >= 0.45  # chance is 0.25: P(≥ 18 of 40 by chance) < 1e-3
+    print(f"SmolLM2 ARC-Easy, first 40: acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f}")
+    assert r["acc"] >= 0.45  # chance is 0.25: P(≥ 18 of 40 by chance) < 1e-3
