@@ -62,7 +62,7 @@ def train(variant: str, a, extra: list[str], out: Path, env: dict) -> None:
     settings = {"model": a.model, "config": a.config, "steps": a.steps, "warmup_steps": a.warmup_steps, "k": a.k,
                 "eval_steps": a.eval_steps, "extra": extra}
     done = d / "ablation_settings.json"
-    if (d / "warmup_results.json").is_file() and done.is_file() and json.loads(done.read_text()) == settings:
+    if (d / "warmup_results.json").is_file() and done.is_file() and json.loads(done.read_text())["settings"] == settings:
         print(f"{variant}: finished earlier, kept", flush=True)
         return
     shutil.rmtree(d, ignore_errors=True)
@@ -78,7 +78,7 @@ def train(variant: str, a, extra: list[str], out: Path, env: dict) -> None:
     seconds = time.perf_counter() - t0
     for ckpt in d.glob("checkpoint-*"):  # the optimizer state is 2× the model; the final weights stay in d
         shutil.rmtree(ckpt)
-    done.write_text(json.dumps(settings | {"seconds": round(seconds, 1)}, indent=1))
+    done.write_text(json.dumps({"settings": settings, "seconds": round(seconds, 1)}, indent=1))
 
 
 def evaluate(name: str, model: str, a, out: Path, env: dict, extra: list[str] = ()) -> dict:
