@@ -75,7 +75,7 @@ def _eval(args) -> None:
 
     from bitft.checkpoint import BitftError
     from bitft.evaluate import default_text, load_for_eval, perplexity_from_nlls, shared_eval_dir, split_windows, window_nlls
-    from bitft.tasks import TASKS, check_task_file, evaluate_task, parse_tasks
+    from bitft.tasks import TASKS, check_task_file, evaluate_task, parse_tasks, seed_row, seed_table
 
     if not args.ppl and not args.tasks:
         raise BitftError("nothing to evaluate: pass --ppl and/or --tasks (e.g. --tasks all)")
@@ -131,6 +131,7 @@ def _eval(args) -> None:
         for name in names:
             result["tasks"][name] = evaluate_task(backend, tokenizer, name, tasks_dir, args.limit, progress)
     result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["summary"] = seed_row(result["perplexity"]["ppl"] if "perplexity" in result else None, result.get("tasks", {}))
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -142,6 +143,7 @@ def _eval(args) -> None:
         for name, r in result["tasks"].items():
             cell = lambda m: f"{r[m]:.4f} ± {r[m + '_stderr']:.4f}" if m in r else "-"  # noqa: E731
             print(f"| {TASKS[name].title} | {r['n']} | {cell('acc')} | {cell('acc_norm')} |")
+    print(f"\nthe BitNet papers' table (acc, %; Avg over the tasks run):\n\n{seed_table({Path(args.model).name: result['summary']})}")
     print(f"\n{result['seconds']:.0f} s")
 
 

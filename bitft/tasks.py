@@ -57,6 +57,38 @@ TASKS = {t.name: t for t in [
 ]}
 
 
+# The BitNet b1.58 papers' table: PPL | ARCe | ARCc | HS | BQ | OQ | PQ | WGe | Avg, accuracies in
+# percent, `acc` for every task (their lm-eval runs), Avg over the tasks shown.
+SEED_COLUMNS = {"arc_easy": "ARCe", "arc_challenge": "ARCc", "hellaswag": "HS", "boolq": "BQ",
+                "openbookqa": "OQ", "piqa": "PQ", "winogrande": "WGe"}
+
+
+def seed_row(ppl: float | None, tasks: dict) -> dict:
+    """{PPL, ARCe, ..., WGe, Avg} from a perplexity and {task: {acc, ...}}; None where not run."""
+    row = {"PPL": ppl}
+    accs = []
+    for name, col in SEED_COLUMNS.items():
+        acc = tasks[name]["acc"] * 100 if name in tasks else None
+        row[col] = acc
+        if acc is not None:
+            accs.append(acc)
+    row["Avg"] = sum(accs) / len(accs) if accs else None
+    return row
+
+
+def seed_table(rows: dict[str, dict], drop_empty: bool = False) -> str:
+    """A markdown table in the seeds' format from {label: seed_row(...)} (DROP_EMPTY: without the
+    columns no row has)."""
+    cols = ["PPL", *SEED_COLUMNS.values(), "Avg"]
+    if drop_empty:
+        cols = [c for c in cols if any(row[c] is not None for row in rows.values())]
+    out = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for label, row in rows.items():
+        cells = ["–" if row[c] is None else (f"{row[c]:.2f}" if c == "PPL" else f"{row[c]:.1f}") for c in cols]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def parse_tasks(spec) -> list[str]:
     """Task names from a list of names and comma lists ('all' = every task), in the order given."""
     names = []

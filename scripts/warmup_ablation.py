@@ -36,8 +36,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 VARIANTS = ("abrupt", "linear", "sigmoid")
-TITLES = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HS", "boolq": "BQ", "openbookqa": "OQ",
-          "piqa": "PQ", "winogrande": "WGe"}
 
 
 def schedule_flags(variant: str, warmup: int, k: float) -> list[str]:
@@ -140,45 +138,38 @@ def plot(runs: dict, path: Path) -> None:
 
 
 def table(runs: dict, evals: dict, a, machine: str) -> str:
+    from bitft.tasks import seed_row, seed_table
+
     def fmt(x):
         return "–" if x is None else (f"{x:,.0f}" if x >= 1000 else f"{x:.1f}")
 
-    def acc(r, t):
-        m = r["tasks"][t]
-        return m.get("acc_norm", m["acc"])
-
-    tasks = a.tasks
-    head = ["variant", "tokens", "held-out ppl: start", "at W", "end", "WikiText-2 ppl",
-            *[TITLES.get(t, t) for t in tasks], "avg", "train min"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in evals.items():
-        c = runs.get(name)
-        ev = dict(c["eval"]) if c else {}
-        w_tok = a.warmup_steps * c["tokens_per_step"] if c else None
-        accs = [acc(r, t) for t in tasks]
-        row = [name if c else "original (full precision, untrained)", f"{c['tokens']:,}" if c else "–",
-               fmt(c["eval"][0][1]) if c else "–", fmt(ev.get(w_tok)) if c else "–", fmt(c["eval"][-1][1]) if c else "–",
-               fmt(r["perplexity"]["ppl"]), *[f"{x:.3f}" for x in accs], f"{sum(accs) / len(accs):.3f}",
-               f"{c['train_minutes']:.1f}" if c else "–"]
-        lines.append("| " + " | ".join(row) + " |")
-    n = next(iter(evals.values()))["tasks"][tasks[0]]["n"]
-    stderr = 0.5 / math.sqrt(n)
-    notes = [
+    lines = [f"| variant | tokens | held-out λ=1 ppl: start | at W = {a.warmup_steps} steps | end | train min |",
+             "|---|---|---|---|---|---|"]
+    for name, c in runs.items():
+        ev = dict(c["eval"])
+        lines.append(f"| {name} | {c['tokens']:,} | {fmt(c['eval'][0][1])} | "
+                     f"{fmt(ev.get(a.warmup_steps * c['tokens_per_step']))} | {fmt(c['eval'][-1][1])} | "
+                     f"{c['train_minutes']:.1f} |")
+    labels = {"original": "original (full precision, untrained)"}
+    rows = {labels.get(n, n): seed_row(r["perplexity"]["ppl"], r["tasks"]) for n, r in evals.items()}
+    n = next(iter(evals.values()))["tasks"][a.tasks[0]]["n"]
+    lines += [
         "",
-        f"Held-out perplexity is at λ = 1 on the recipe's held-out blocks ({a.config}); W = {a.warmup_steps} steps, "
-        f"where linear and sigmoid reach λ = 1. WikiText-2: {a.ppl_windows} × {a.ppl_seqlen} tokens. Tasks: first {n} examples, "
-        f"acc_norm where the harness reports it (ARC, HellaSwag, PIQA), else acc; one standard error is about "
-        f"±{stderr:.3f} at accuracy 0.5. Machine: {machine}.",
+        f"Held-out perplexity: λ = 1, on the recipe's held-out blocks ({a.config}); W = the step where linear "
+        f"and sigmoid reach λ = 1. Final checkpoints (`bitft eval`): PPL = WikiText-2, {a.ppl_windows} × "
+        f"{a.ppl_seqlen} tokens; tasks: first {n} examples, acc in % (the seeds' table), one standard error "
+        f"≈ ±{50 / math.sqrt(n):.1f} points at 50%. Machine: {machine}.",
+        "",
+        seed_table(rows, drop_empty=True),
         "",
         "Held-out λ=1 perplexity against tokens:",
         "",
         "| tokens | " + " | ".join(runs) + " |",
         "|---|" + "---|" * len(runs),
     ]
-    points = sorted({t for c in runs.values() for t, _ in c["eval"]})
-    for t in points:
-        notes.append(f"| {t:,} | " + " | ".join(fmt(dict(c["eval"]).get(t)) for c in runs.values()) + " |")
-    return "\n".join(lines + notes) + "\n"
+    for t in sorted({t for c in runs.values() for t, _ in c["eval"]}):
+        lines.append(f"| {t:,} | " + " | ".join(fmt(dict(c["eval"]).get(t)) for c in runs.values()) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def machine() -> str:

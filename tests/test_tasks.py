@@ -140,9 +140,17 @@ def test_cli_tasks_json_and_table(tmp_path, capsys):
         assert r["n"] == 2 and 0 <= r["acc"] <= 1
         assert ("acc_norm" in r) == (name not in ("boolq", "winogrande"))
     assert "perplexity" not in out
+    # the seeds' summary: acc in percent for every task, Avg over them, no PPL
+    summary = out["summary"]
+    assert list(summary) == ["PPL", "ARCe", "ARCc", "HS", "BQ", "OQ", "PQ", "WGe", "Avg"]
+    assert summary["PPL"] is None and summary["PQ"] == pytest.approx(100 * out["tasks"]["piqa"]["acc"])
+    assert summary["Avg"] == pytest.approx(sum(100 * r["acc"] for r in out["tasks"].values()) / 7)
     assert main(["eval", str(folder), "--tasks", "boolq", "piqa", "--limit", "2", "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert "| BoolQ | 2 |" in table and "| PIQA | 2 |" in table
+    assert "| model | PPL | ARCe | ARCc | HS | BQ | OQ | PQ | WGe | Avg |" in table
+    row = next(line for line in table.splitlines() if line.startswith(f"| {folder.name} |"))
+    assert row.split(" | ")[1:4] == ["–", "–", "–"]  # no PPL, ARCe, ARCc: not run
 
 
 def test_task_refusals(tmp_path, capsys):
