@@ -44,14 +44,20 @@ def schedule_flags(variant: str, warmup: int, k: float) -> list[str]:
     return ["--lambda_schedule", variant, "--lambda_warmup_steps", str(warmup), "--lambda_k", str(k)]
 
 
-def run(cmd: list[str], env: dict, log: Path) -> str:
-    """Run CMD with its stderr (and progress) in LOG; its stdout back."""
-    print("$", " ".join(str(c) for c in cmd), f" 2> {log}", flush=True)
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
-    if r.returncode:
-        sys.exit(f"failed (exit {r.returncode}); the last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
-    return r.stdout
+def run(cmd: list[str], env: dict, stdout: Path, log: Path) -> None:
+    """Run CMD with its stdout in STDOUT and its stderr (warnings, progress) in LOG, as it goes."""
+    print("$", " ".join(str(c) for c in cmd), f" > {stdout} 2> {log}", flush=True)
+    with open(stdout, "w") as out, open(log, "w") as err:
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=err).returncode
+    if code:
+        sys.exit(f"failed (exit {code}); the last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
+
+
+def write(path: Path, text: str) -> None:
+    """Write TEXT to PATH through a temporary file beside it: never a half-written result."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def train(variant: str, a, extra: list[str], out: Path, env: dict) -> None:
@@ -60,7 +66,7 @@ def train(variant: str, a, extra: list[str], out: Path, env: dict) -> None:
     settings = {"model": a.model, "config": a.config, "steps": a.steps, "warmup_steps": a.warmup_steps, "k": a.k,
                 "eval_steps": a.eval_steps, "extra": extra}
     done = d / "ablation_settings.json"
-    if (d / "warmup_results.json").is_file() and done.is_file() and json.loads(done.read_text())["settings"] == settings:
+    if (d / "warmup_results.json").is_file() and done.is_file() and json.loads(done.read_text()).get("settings") == settings:
         print(f"{variant}: finished earlier, kept", flush=True)
         return
     shutil.rmtree(d, ignore_errors=True)
@@ -72,11 +78,11 @@ def train(variant: str, a, extra: list[str], out: Path, env: dict) -> None:
            "--save_steps", str(a.steps), "--save_total_limit", "1", "--disable_tqdm", "true",
            *schedule_flags(variant, a.warmup_steps, a.k), *extra]
     t0 = time.perf_counter()
-    (d / "train.out").write_text(run(cmd, env, d / "train.log"))
+    run(cmd, env, d / "train.out", d / "train.log")
     seconds = time.perf_counter() - t0
     for ckpt in d.glob("checkpoint-*"):  # the optimizer state is 2× the model; the final weights stay in d
         shutil.rmtree(ckpt)
-    done.write_text(json.dumps({"settings": settings, "seconds": round(seconds, 1)}, indent=1))
+    write(done, json.dumps({"settings": settings, "seconds": round(seconds, 1)}, indent=1))
 
 
 def evaluate(name: str, model: str, a, out: Path, env: dict, extra: list[str] = ()) -> dict:
@@ -89,11 +95,9 @@ def evaluate(name: str, model: str, a, out: Path, env: dict, extra: list[str] = 
         return json.loads(f.read_text())
     cmd = [str(BIN / "bitft"), "eval", model, "--ppl", "--windows", str(a.ppl_windows), "--seqlen", str(a.ppl_seqlen), "--tasks", *a.tasks,
            "--limit", str(a.limit), "--json", "--no-progress", *extra]
-    r = json.loads(run(cmd, env, d / "eval.log"))
-    r["settings"] = settings
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(r, indent=1))
-    tmp.replace(f)
+    run(cmd, env, d / "eval.out", d / "eval.log")
+    r = json.loads((d / "eval.out").read_text()) | {"settings": settings}
+    write(f, json.dumps(r, indent=1))
     return r
 
 
@@ -175,8 +179,11 @@ def table(runs: dict, evals: dict, a, machine: str) -> str:
 def machine() -> str:
     import platform
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     return f"{cpu}, {os.cpu_count()} cores"
 
 
@@ -224,9 +231,9 @@ def main():
         sys.exit(f"the variants saw different numbers of tokens: { {v: c['tokens'] for v, c in runs.items()} }")
     plot(runs, out / "warmup_ablation.png")
     md = table(runs, evals, a, machine())
-    (out / "warmup_ablation.md").write_text(md)
-    (out / "warmup_ablation.json").write_text(json.dumps({"settings": vars(a) | {"extra": extra}, "curves": runs,
-                                                          "evals": evals}, indent=1))
+    write(out / "warmup_ablation.md", md)
+    write(out / "warmup_ablation.json", json.dumps({"settings": vars(a) | {"extra": extra}, "curves": runs,
+                                                    "evals": evals}, indent=1))
     print("\n" + md)
     print(f"wrote {out / 'warmup_ablation.png'}, {out / 'warmup_ablation.md'}, {out / 'warmup_ablation.json'} "
           f"({(time.perf_counter() - t0) / 60:.1f} min this call)")
