@@ -16,7 +16,7 @@ def _table(rows) -> str:
 def _convert(args) -> None:
     import torch
 
-    from bitft.checkpoint import convert_checkpoint
+    from bitft.convert import convert_checkpoint
 
     targets = args.target_regex if args.target_regex else args.targets
     exclude = args.exclude_regex if args.exclude_regex else args.exclude
@@ -38,7 +38,7 @@ def _convert(args) -> None:
 
 
 def _info(args) -> None:
-    from bitft.checkpoint import describe_checkpoint
+    from bitft.info import describe_checkpoint
 
     print(_table(describe_checkpoint(args.checkpoint)))
 
@@ -73,7 +73,7 @@ def _eval(args) -> None:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # packed BitLinear is @torch.compile: a loss on CPU
     import torch
 
-    from bitft.checkpoint import BitftError
+    from bitft.errors import BitftError
     from bitft.evaluate import default_text, load_for_eval, perplexity_from_nlls, shared_eval_dir, split_windows, window_nlls
     from bitft.tasks import TASKS, check_task_file, evaluate_task, parse_tasks, seed_row, seed_table
 
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="swap the decoder's linear layers for BitLinear and save a checkpoint")
-    c.add_argument("source", help="hub id (org/name), local model folder, or .gguf file")
+    c.add_argument("source", help="hub id (org/name), local model folder, .gguf file, or smollm2")
     c.add_argument("--output", "-o", required=True, help="folder to write (must be new or empty unless --overwrite)")
     c.add_argument("--lambda", dest="lam", type=float, default=1.0,
                    help="blend in [0, 1]: 0 = the original model, 1 = ternary (default 1)")
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.set_defaults(func=_plot_schedule)
 
     ev = sub.add_parser("eval", help="perplexity over non-overlapping windows, zero-shot tasks (lm-evaluation-harness)")
-    ev.add_argument("model", help="model folder, hub id, bitft checkpoint, packed export, or .gguf file")
+    ev.add_argument("model", help="model folder, hub id, bitft checkpoint, packed export, .gguf file, or smollm2")
     ev.add_argument("--ppl", action="store_true", help="perplexity of --data over non-overlapping --seqlen windows")
     ev.add_argument("--data", help="raw text file for --ppl (default: ../shared/data/eval/wikitext2_test.raw)")
     ev.add_argument("--seqlen", type=int, default=2048, help="--ppl window length in tokens (default 2048)")
@@ -209,29 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     i = sub.add_parser("info", help="print what a checkpoint is, as a table")
-    i.add_argument("checkpoint", help="checkpoint folder")
+    i.add_argument("checkpoint", help="checkpoint folder, .gguf file, or smollm2")
     i.set_defaults(func=_info)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "targets", None) and getattr(args, "target_regex", None):
-        print("bitft: error: give --targets or --target-regex, not both", file=sys.stderr)
-        return 2
-    if getattr(args, "exclude", None) and getattr(args, "exclude_regex", None):
-        print("bitft: error: give --exclude or --exclude-regex, not both", file=sys.stderr)
-        return 2
-    from bitft.checkpoint import BitftError
+    from bitft.errors import run_main
 
-    try:
-        args.func(args)
-    except BitftError as e:
-        if os.environ.get("BITFT_DEBUG"):
-            raise
-        print(f"bitft: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "targets", None) and getattr(args, "target_regex", None):
+        parser.error("give --targets or --target-regex, not both")
+    if getattr(args, "exclude", None) and getattr(args, "exclude_regex", None):
+        parser.error("give --exclude or --exclude-regex, not both")
+    return run_main(lambda _: args.func(args), "bitft")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bitft.checkpoint import BitftError
+from bitft.errors import BitftError
 
 
 def shared_eval_dir() -> Path:
@@ -195,60 +195,36 @@ def llama_cpp_available() -> bool:
 
 
 def load_for_eval(source: str, backend: str = "auto", lam: float | None = None, dtype=torch.float32):
-    """(backend, tokenizer, description) for SOURCE: a model folder, hub id, packed export,
-    bitft checkpoint (at its own λ, or LAM) or .gguf file (llama.cpp by default when it imports)."""
+    """(backend, tokenizer, description) for SOURCE (any reference bitft.sources takes): a .gguf runs
+    through llama.cpp by default when it imports, everything else through transformers."""
     from transformers import AutoTokenizer
 
-    from bitft.checkpoint import load_gguf, load_source, resolve_source
+    from bitft.sources import load_model, resolve_source
 
     path = resolve_source(source)
-    if path.is_file():  # a .gguf
-        if lam is not None:
-            raise BitftError(f"{source} is a GGUF file, a fixed model: --lambda applies to bitft checkpoints (folders)")
-        if backend == "auto":
-            backend = "llama.cpp" if llama_cpp_available() else "transformers"
-        if backend == "llama.cpp":
-            if not llama_cpp_available():
-                raise BitftError("--backend llama.cpp needs llama-cpp-python: pip install 'bitft[gguf]'")
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            except Exception as e:
-                raise BitftError(f"transformers cannot read the tokenizer of {path} "
-                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-            try:
-                be = LlamaCppBackend(path)
-            except Exception as e:
-                raise BitftError(f"llama.cpp cannot load {path} ({e})") from None
-            return be, tokenizer, f"GGUF {path.name} through llama.cpp"
-        model, tokenizer = load_gguf(path, dtype)
-        return TransformersBackend(model), tokenizer, f"GGUF {path.name} dequantized by transformers ({_dtype(dtype)})"
-
+    if path.is_file() and lam is not None:
+        raise BitftError(f"{source} is a GGUF file, a fixed model: --lambda applies to bitft checkpoints (folders)")
+    if backend == "auto":
+        backend = "llama.cpp" if path.is_file() and llama_cpp_available() else "transformers"
     if backend == "llama.cpp":
-        raise BitftError(f"{source} is a model folder: --backend llama.cpp takes a .gguf file "
-                         "(bitft export --gguf writes one)")
-    model, tokenizer = load_source(str(path), dtype)
-    if tokenizer is None:
-        raise BitftError(f"{source} has no tokenizer files: save the tokenizer beside the model")
-    meta = getattr(model.config, "bitft", None)
-    if lam is not None:
-        from bitft.surgery import set_lambda
-
+        if not path.is_file():
+            raise BitftError(f"{source} is a model folder: --backend llama.cpp takes a .gguf file "
+                             "(bitft export --gguf writes one)")
+        if not llama_cpp_available():
+            raise BitftError("--backend llama.cpp needs llama-cpp-python: pip install 'bitft[gguf]'")
         try:
-            set_lambda(model, lam)
-        except ValueError as e:
-            raise BitftError(f"--lambda {lam:g}: {source} is not a bitft checkpoint ({e})") from None
-    qc = getattr(model.config, "quantization_config", None)
-    qc = qc.to_dict() if hasattr(qc, "to_dict") else (qc or {})
-    if meta:
-        from bitft.surgery import get_lambda
-
-        what = f"bitft checkpoint, λ={get_lambda(model):g}" + (f" (saved at λ={meta['lambda']:g})" if lam is not None else "")
-    elif qc.get("quant_method") == "bitnet":
-        what = f"BitNet checkpoint ({qc.get('linear_class', '?')}, {qc.get('quantization_mode', '?')})"
-    else:
-        what = f"full precision ({_dtype(next(model.parameters()).dtype)})"
-    return TransformersBackend(model), tokenizer, what
-
-
-def _dtype(dtype) -> str:
-    return str(dtype).replace("torch.", "")
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as e:
+            raise BitftError(f"transformers cannot read the tokenizer of {path} "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        try:
+            return LlamaCppBackend(path), tokenizer, f"GGUF {path.name} through llama.cpp"
+        except Exception as e:
+            raise BitftError(f"llama.cpp cannot load {path} ({e})") from None
+    try:
+        loaded = load_model(str(path), dtype=dtype, lam=lam)
+    except ValueError as e:  # set_lambda's own check of λ
+        raise BitftError(f"--lambda {lam:g}: {e}") from None
+    if loaded.tokenizer is None:
+        raise BitftError(f"{source} has no tokenizer files: save the tokenizer beside the model")
+    return TransformersBackend(loaded.model), loaded.tokenizer, loaded.what

@@ -68,7 +68,9 @@ class BitftQuantizer(BitNetHfQuantizer):
 
 
 def register() -> None:
-    """Install the quantizer for `bitft` and `bitnet` (idempotent)."""
-    _auto.AUTO_QUANTIZATION_CONFIG_MAPPING["bitft"] = BitftQuantConfig
-    _auto.AUTO_QUANTIZER_MAPPING["bitft"] = BitftQuantizer
+    """Install the quantizer for `bitft` (transformers' public registry) and `bitnet` (idempotent)."""
+    if "bitft" not in _auto.AUTO_QUANTIZER_MAPPING:
+        _auto.register_quantization_config("bitft")(BitftQuantConfig)
+        _auto.register_quantizer("bitft")(BitftQuantizer)
+    # `bitnet` is transformers' own method: register_quantizer refuses a name it has, so replace it directly
     _auto.AUTO_QUANTIZER_MAPPING["bitnet"] = BitftQuantizer

@@ -10,20 +10,15 @@ With s = optimizer steps completed before the current one and W = warmup_steps:
 
 W = 0 means no warmup: λ is 1 from the first step (linear, sigmoid).
 
-`LambdaCallback` applies the schedule with `bitft.set_lambda` once per optimizer step, in
-`on_step_begin`, which the Trainer calls once before the micro-batches of an optimizer step (never
-per micro-batch), and reports the λ it applied through `log_extras` (see bitft.training).
+`bitft.train.callbacks.LambdaCallback` applies a schedule once per optimizer step.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
-from transformers import TrainerCallback
+from dataclasses import dataclass
 
 from bitft.bitlinear import check_lambda
-from bitft.surgery import set_lambda
 
 SCHEDULES = ("linear", "sigmoid", "constant")
 
@@ -63,47 +58,6 @@ class LambdaSchedule:
             return f"constant λ={self.value:g}"
         extra = f", k={self.k:g}" if self.kind == "sigmoid" else ""
         return f"{self.kind} λ warmup over {self.warmup_steps} steps{extra}"
-
-
-@dataclass
-class LambdaArguments:
-    # λ: 0 = full precision, 1 = ternary; set on every BitLinear once per optimizer step
-    lambda_schedule: str = field(default="linear", metadata={"help": "linear, sigmoid or constant"})
-    lambda_warmup_steps: int = field(default=1000, metadata={"help": "optimizer steps until λ reaches 1"})
-    lambda_k: float = field(default=10.0, metadata={"help": "slope of the sigmoid schedule"})
-    lambda_value: float = field(default=1.0, metadata={"help": "λ of the constant schedule"})
-
-    def schedule(self) -> LambdaSchedule:
-        return LambdaSchedule(self.lambda_schedule, self.lambda_warmup_steps, self.lambda_k, self.lambda_value)
-
-
-def lambda_at(step: int, kind: str = "linear", warmup_steps: int = 1000, k: float = 10.0, value: float = 1.0) -> float:
-    """λ after `step` completed optimizer steps."""
-    return LambdaSchedule(kind, warmup_steps, k, value)(step)
-
-
-class LambdaCallback(TrainerCallback):
-    """Set λ on every BitLinear at the start of each optimizer step; report it in the logs."""
-
-    def __init__(self, schedule: LambdaSchedule):
-        self.schedule = schedule
-        self.current: float | None = None
-
-    def _apply(self, state, model) -> None:
-        lam = self.schedule(state.global_step)
-        if lam != self.current:
-            set_lambda(model, lam)
-            self.current = lam
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.current = None  # always set once: the model may come with another λ
-        self._apply(state, model)
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self._apply(state, model)
-
-    def log_extras(self, state) -> dict:
-        return {} if self.current is None else {"lambda": self.current}
 
 
 def plot_schedules(schedules, steps: int, path) -> None:

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitft.checkpoint import BitftError
+from bitft.errors import BitftError
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,10 @@ def _harness_lm():
     from lm_eval.api.model import LM
 
     class HarnessLM(LM):
-        """The harness's model interface, answered by a bitft backend (loglikelihood requests only)."""
+        """The harness's model interface, answered by a bitft backend (loglikelihood requests only).
+
+        Not the harness's HFLM for transformers: one request path for both back ends keeps the
+        transformers and llama.cpp figures comparable token for token (same pairs, same truncation)."""
 
         def __init__(self, backend, tokenizer, progress: bool = False, desc: str = "examples"):
             super().__init__()

@@ -2,8 +2,8 @@
 
 Direct preference optimization of a BitNet b1.58 model (usually the SFT output) with TRL's
 DPOTrainer, BitLinear at λ=1 throughout: the third stage of BitNet b1.58 2B4T. Keys are the fields
-of ModelArguments, PreferenceDataArguments, LoraArguments (bitft) and TRL's DPOConfig, parsed by
-TRL's TrlParser: flags override the YAML (--output_dir, --max_steps, --beta, ...), unknown keys
+of ModelArguments (TRL's ModelConfig: model, dtype, LoRA), PreferenceDataArguments and TRL's
+DPOConfig (bitft.config): flags override the YAML (--output_dir, --max_steps, --beta, ...), unknown keys
 are errors.
 
 The 2-core CPU demo (SmolLM2-135M after the SFT demo, a few minutes):
@@ -25,37 +25,32 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU; see FACTS
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU
 
-from trl import DPOTrainer
 from trl.data_utils import is_conversational
 
 import bitft
-from bitft.chat import (BitDPOConfig, ChatDataError, LoraArguments, PreferenceDataArguments, apply_template_source,
-                        build_datasets, frozen_copy, lambda_callback, load_policy, lora_config,
-                        parse_trl_config, require_chat_template)
-from bitft.checkpoint import BitftError
+from bitft.config import BitDPOConfig, ModelArguments, PreferenceDataArguments, parse_config
+from bitft.data.chat import apply_template_source, build_datasets, require_chat_template
+from bitft.errors import run_main
 from bitft.surgery import bit_linears
-from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
-                            logger, start_run, train_and_evaluate)
+from bitft.train.callbacks import ternary_lambda
+from bitft.train.model import frozen_copy, load_model, lora_config
+from bitft.train.resume import CheckpointMarker
+from bitft.train.trainer import BitDPOTrainer, logger, start_run, train_and_evaluate
 
 KEYS = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_rewards/chosen", "eval_rewards/rejected")
 
 
-class BitDPOTrainer(BitftTrainerMixin, DPOTrainer):
-    """TRL's DPOTrainer, with bitft's NaN/inf guard and λ in its logs."""
-
-
 def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags (TRL's parser)
-    model_args, data_args, lora_args, args = parse_trl_config(
-        (ModelArguments, PreferenceDataArguments, LoraArguments, BitDPOConfig), argv)
+    model_args, data_args, args = parse_config((ModelArguments, PreferenceDataArguments, BitDPOConfig), argv)
     resume = start_run(args)
 
     # 2. policy at λ=1; data (a held-out slice); the chat template where the pairs are conversations
-    model, tokenizer, is_checkpoint = load_policy(model_args)
+    model, tokenizer, is_checkpoint = load_model(model_args, lam=1.0)
     apply_template_source(tokenizer, data_args.chat_template_path)
-    peft_config = lora_config(lora_args, model, is_checkpoint)
+    peft_config = lora_config(model_args, model, is_checkpoint)
     train_set, eval_set = build_datasets(data_args, "preference", seed=args.data_seed if args.data_seed is not None else args.seed)
     if is_conversational(train_set[0]):
         require_chat_template(tokenizer, model_args.model_name_or_path)
@@ -69,7 +64,7 @@ def main(argv=None) -> dict:
 
     trainer = BitDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=peft_config,
-                            callbacks=[lambda_callback(), CheckpointMarker()])
+                            callbacks=[ternary_lambda(), CheckpointMarker()])
     trainer.eval_lambda = 1.0
     results = {"stage": "dpo", "lora": peft_config is not None, "beta": args.beta, "world_size": args.world_size,
                "reference": "adapters disabled" if peft_config is not None else
@@ -113,11 +108,4 @@ def report(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NonFiniteLossError as e:
-        print(f"dpo: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
-    except (ConfigError, ChatDataError, BitftError) as e:
-        print(f"dpo: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    sys.exit(run_main(main, "dpo", exit_code=2))

@@ -2,8 +2,8 @@
 
 Supervised fine-tuning of a BitNet b1.58 model (a `bitft convert` or warmup output) on chat data
 with TRL's SFTTrainer, BitLinear at λ=1 throughout: the second stage of BitNet b1.58 2B4T.
-Keys are the fields of ModelArguments, ChatDataArguments, LoraArguments (bitft) and TRL's SFTConfig,
-parsed by TRL's TrlParser: flags override the YAML (--output_dir, --max_steps, ...), unknown keys
+Keys are the fields of ModelArguments (TRL's ModelConfig: model, dtype, LoRA), ChatDataArguments and
+TRL's SFTConfig (bitft.config): flags override the YAML (--output_dir, --max_steps, ...), unknown keys
 are errors.
 
 The 2-core CPU demo (SmolLM2-135M after the warmup demo, a few minutes):
@@ -25,33 +25,28 @@ import math
 import os
 import sys
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU; see FACTS
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU
 
-from trl import SFTTrainer
-
-from bitft.chat import (ChatDataArguments, ChatDataError, LoraArguments, BitSFTConfig, apply_template_source,
-                        build_datasets, lambda_callback, load_policy, lora_config, merged_evaluate,
-                        parse_trl_config, require_chat_template, resolve_assistant_only)
-from bitft.checkpoint import BitftError
-from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
-                            logger, start_run, train_and_evaluate)
-
-
-class BitSFTTrainer(BitftTrainerMixin, SFTTrainer):
-    """TRL's SFTTrainer, with bitft's NaN/inf guard and λ in its logs."""
+from bitft.config import BitSFTConfig, ChatDataArguments, ModelArguments, parse_config
+from bitft.data.chat import apply_template_source, build_datasets, require_chat_template, resolve_assistant_only
+from bitft.errors import run_main
+from bitft.train.callbacks import ternary_lambda
+from bitft.train.model import load_model, lora_config
+from bitft.train.resume import CheckpointMarker
+from bitft.train.trainer import BitSFTTrainer, logger, merged_evaluate, start_run, train_and_evaluate
 
 
 def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags (TRL's parser)
-    model_args, data_args, lora_args, args = parse_trl_config((ModelArguments, ChatDataArguments, LoraArguments, BitSFTConfig), argv)
+    model_args, data_args, args = parse_config((ModelArguments, ChatDataArguments, BitSFTConfig), argv)
     resume = start_run(args)
 
     # 2. model at λ=1 and its chat template
-    model, tokenizer, is_checkpoint = load_policy(model_args)
+    model, tokenizer, is_checkpoint = load_model(model_args, lam=1.0)
     apply_template_source(tokenizer, args.chat_template_path)
     args.chat_template_path = None  # applied above: TRL would also clone tokens from a tokenizer folder
     require_chat_template(tokenizer, model_args.model_name_or_path)
-    peft_config = lora_config(lora_args, model, is_checkpoint)
+    peft_config = lora_config(model_args, model, is_checkpoint)
 
     # 3. data: chat rows, a held-out slice, assistant-only loss where the template allows it
     train_set, eval_set = build_datasets(data_args, "chat", seed=args.data_seed if args.data_seed is not None else args.seed)
@@ -62,7 +57,7 @@ def main(argv=None) -> dict:
     # 4. the trainer: λ held at 1, checkpoints marked complete
     trainer = BitSFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=peft_config,
-                            callbacks=[lambda_callback(), CheckpointMarker()])
+                            callbacks=[ternary_lambda(), CheckpointMarker()])
     trainer.eval_lambda = 1.0
     results = {"stage": "sft", "loss_on": how, "lora": peft_config is not None, "world_size": args.world_size,
                "train_rows": len(train_set), "eval_rows": len(eval_set) if eval_set else 0}
@@ -92,11 +87,4 @@ def report(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NonFiniteLossError as e:
-        print(f"sft: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
-    except (ConfigError, ChatDataError, BitftError) as e:
-        print(f"sft: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    sys.exit(run_main(main, "sft", exit_code=2))

@@ -22,55 +22,33 @@ import math
 import os
 import sys
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU; see FACTS
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU
 
-import torch
-from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+from transformers import TrainingArguments, default_data_collator
 
 import bitft
-from bitft.checkpoint import BitftError, load_source
-from bitft.data import DataArguments, DataError, build_datasets
-from bitft.schedule import LambdaArguments, LambdaCallback
-from bitft.training import (BitftTrainerMixin, CheckpointMarker, ConfigError, ModelArguments, NonFiniteLossError,
-                            ThroughputCallback, install_progress, logger, model_source, parse_config,
-                            start_run, train_and_evaluate)
-
-
-class WarmupTrainer(BitftTrainerMixin, Trainer):
-    """The Trainer, with bitft's NaN/inf guard and λ / tokens in its logs."""
-
-
-def load_model(model_args: ModelArguments, lam: float):
-    """(model, tokenizer): a bitft checkpoint as saved, anything else converted on the fly at λ."""
-    dtype = getattr(torch, model_args.torch_dtype)
-    model, tokenizer = load_source(model_source(model_args.model_name_or_path), dtype=dtype)
-    if getattr(model, "hf_quantizer", None) is None and getattr(model, "is_quantized", False):
-        model.is_quantized = False  # a GGUF comes out dequantized; the Trainer would refuse a "quantized" model
-    if getattr(model.config, "bitft", None):
-        logger.info("loaded bitft checkpoint %s (%d BitLinear layers)", model_args.model_name_or_path,
-                    len(model.config.bitft["modules"]))
-    else:
-        bitft.convert_model(model, lam=lam, targets=model_args.targets, exclude=model_args.exclude, subln=model_args.subln)
-        logger.info("converted %s on the fly: %d BitLinear layers", model_args.model_name_or_path,
-                    len(model.config.bitft["modules"]))
-    if model_args.tokenizer_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
-    if tokenizer is None:
-        raise ConfigError(f"{model_args.model_name_or_path} has no tokenizer: set tokenizer_name_or_path")
-    return model, tokenizer
+from bitft.config import LambdaArguments, ModelArguments, PretrainDataArguments, parse_config
+from bitft.data.pretrain import build_datasets
+from bitft.errors import ConfigError, run_main
+from bitft.train.callbacks import LambdaCallback, ThroughputCallback, install_progress
+from bitft.train.model import load_model
+from bitft.train.resume import CheckpointMarker
+from bitft.train.trainer import BitftTrainer, logger, start_run, train_and_evaluate
 
 
 def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags
     model_args, data_args, lambda_args, args = parse_config(
-        (ModelArguments, DataArguments, LambdaArguments, TrainingArguments), argv)
-    if not model_args.model_name_or_path:
-        raise ConfigError("model_name_or_path is required (a bitft checkpoint, hub id, model folder or .gguf)")
-    resume = start_run(args)
+        (ModelArguments, PretrainDataArguments, LambdaArguments, TrainingArguments), argv)
+    if model_args.use_peft:
+        raise ConfigError("use_peft: the warmup trains the master weights; LoRA is for the SFT and DPO recipes")
+    if args.include_num_input_tokens_seen == "no":  # the Trainer counts tokens (all processes, resumes included)
+        args.include_num_input_tokens_seen = "all"
     schedule = lambda_args.schedule()
+    resume = start_run(args)
 
     # 2. model: BitLinear everywhere the decoder has a linear layer, λ from the schedule
-    model, tokenizer = load_model(model_args, lam=schedule(0))
+    model, tokenizer, _ = load_model(model_args, lam=schedule(0))
 
     # 3. data: packed blocks of block_size tokens, a held-out eval slice, a seeded order
     train_set, eval_set = build_datasets(
@@ -83,19 +61,17 @@ def main(argv=None) -> dict:
                 tokens_per_step, data_args.block_size, args.per_device_train_batch_size,
                 args.gradient_accumulation_steps, args.world_size, schedule.describe())
 
-    # 4. the Trainer, with the λ schedule, throughput and checkpoint-complete callbacks
+    # 4. the Trainer, with the λ schedule, throughput and checkpoint-complete callbacks; evaluations at λ=1
     lambda_cb = LambdaCallback(schedule)
-    trainer = WarmupTrainer(model=model, args=args, train_dataset=train_set,
-                            eval_dataset=eval_set if len(eval_set) else None, data_collator=default_data_collator,
-                            processing_class=tokenizer,
-                            callbacks=[lambda_cb, ThroughputCallback(tokens_per_step), CheckpointMarker()])
-    install_progress(trainer, tokens_per_step, lambda_cb)
+    trainer = BitftTrainer(model=model, args=args, train_dataset=train_set,
+                           eval_dataset=eval_set if len(eval_set) else None, data_collator=default_data_collator,
+                           processing_class=tokenizer, callbacks=[lambda_cb, ThroughputCallback(), CheckpointMarker()])
+    trainer.eval_lambda = 1.0
+    install_progress(trainer, lambda_cb)
     results = {"tokens_per_step": tokens_per_step, "world_size": args.world_size,
                "engine": trainer.accelerator.distributed_type.value}
 
-    # 5. train (resuming where a killed run stopped); evaluations run at λ=1, the first one
-    #    before the first step on a fresh start
-    trainer.eval_lambda = 1.0
+    # 5. train (resuming where a killed run stopped), held-out figures before (fresh start) and after
     results.update(train_and_evaluate(trainer, resume, evaluate=bool(eval_set)))
     results["tokens"] = results["steps"] * tokens_per_step
     if "after" in results:
@@ -122,11 +98,4 @@ def report(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NonFiniteLossError as e:
-        print(f"warmup_10B: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
-    except (ConfigError, DataError, BitftError) as e:
-        print(f"warmup_10B: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    sys.exit(run_main(main, "warmup_10B", exit_code=2))

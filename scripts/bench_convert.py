@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bitft.checkpoint import embedded_smollm2
+from bitft.sources import embedded_smollm2
 
 
 def run(cmd):
@@ -32,12 +32,12 @@ def main():
     try:
         folder = work / "smollm2-fp32"
         # in a child process: a fork inherits the parent's peak RSS, so the parent stays small
-        make = "import sys; from bitft.checkpoint import load_gguf; from pathlib import Path; m, t = load_gguf(Path(sys.argv[1])); m.save_pretrained(sys.argv[2]); t.save_pretrained(sys.argv[2])"
+        make = "import sys; from bitft.sources import load_gguf; from pathlib import Path; m, t = load_gguf(Path(sys.argv[1])); m.save_pretrained(sys.argv[2]); t.save_pretrained(sys.argv[2])"
         subprocess.run([sys.executable, "-c", make, gguf, folder], check=True, capture_output=True)
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         cli = [sys.executable, "-m", "bitft.cli", "convert"]
         rows = [
-            ("imports only (floor)", run([sys.executable, "-c", "import bitft.cli, bitft.checkpoint, transformers"])),
+            ("imports only (floor)", run([sys.executable, "-c", "import bitft.cli, bitft.convert, transformers"])),
             (f"GGUF Q4_1 ({gguf.stat().st_size / 2**20:.0f} MiB) -> checkpoint", run(cli + [gguf, "-o", work / "a"])),
             (f"fp32 folder ({size:.0f} MiB) -> checkpoint", run(cli + [folder, "-o", work / "b"])),
             ("fp32 folder -> checkpoint, --subln", run(cli + [folder, "-o", work / "c", "--subln"])),

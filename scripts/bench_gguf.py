@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import bitft
-from bitft.checkpoint import embedded_smollm2, load_gguf
+from bitft.sources import embedded_smollm2, load_gguf
 from bitft.export.gguf import export_gguf
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import bitft
-from bitft.checkpoint import load_source
+from bitft.sources import load_model
 from bitft.evaluate import perplexity, token_windows
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval" / "wikitext2_test.raw"
@@ -30,7 +30,8 @@ def main():
     p.add_argument("--windows", type=int, default=4)
     args = p.parse_args()
 
-    original, tokenizer = load_source(args.source)
+    loaded = load_model(args.source)
+    original, tokenizer = loaded.model, loaded.tokenizer
     converted = AutoModelForCausalLM.from_pretrained(args.converted, dtype=torch.float32).eval()
     windows = token_windows(tokenizer, Path(args.text).read_text(), args.seqlen, args.windows)
     with torch.no_grad():

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
 PY=.venv/bin/python
 BITFT=.venv/bin/bitft
-SMOL=$($PY -c 'from bitft.checkpoint import embedded_smollm2; print(embedded_smollm2())')
+SMOL=$($PY -c 'from bitft.sources import embedded_smollm2; print(embedded_smollm2())')
 RUN=runs/demo
 rm -rf $RUN  # every demo starts fresh (a rerun of the warmup alone would resume)
 

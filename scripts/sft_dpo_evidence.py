@@ -53,8 +53,10 @@ def dpo_merged_eval(sft_dir: Path, adapters: Path, eval_size: int, seed: int, ma
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import bitft  # noqa: F401
-    from bitft.chat import BitDPOConfig, PreferenceDataArguments, build_datasets, frozen_copy
-    from recipes_dpo import BitDPOTrainer
+    from bitft.config import BitDPOConfig, PreferenceDataArguments
+    from bitft.data.chat import build_datasets
+    from bitft.train.model import frozen_copy
+    from bitft.train.trainer import BitDPOTrainer
 
     torch.set_num_threads(1)
     base = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
@@ -118,12 +120,6 @@ def main():
                                "--save_steps", str(steps), "--max_length", str(a.max_length))
     merged_file = out / "dpo-lora" / "merged_eval.json"
     if a.dpo_lora and not merged_file.is_file():
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("recipes_dpo", REPO / "recipes" / "dpo.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["recipes_dpo"] = mod
-        spec.loader.exec_module(mod)
         merged_file.write_text(json.dumps(dpo_merged_eval(out / "sft", out / "dpo-lora", 32, 42, a.max_length, 0.1), indent=1))
 
     r = {n: json.loads((out / n / f"{runs[n][0]}_results.json").read_text()) for n in runs}

@@ -220,9 +220,9 @@ def main():
         train(v, a, extra, out, env)
     evals = {}
     if not a.no_original:
-        from bitft.training import model_source
+        from bitft.sources import resolve_source
 
-        evals["original"] = evaluate("original", model_source(a.model), a, out, env, ["--backend", "transformers"])
+        evals["original"] = evaluate("original", str(resolve_source(a.model)), a, out, env, ["--backend", "transformers"])
     for v in a.variants:
         evals[v] = evaluate(v, str(out / v), a, out, env)
 

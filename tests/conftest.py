@@ -41,7 +41,7 @@ def tokens():
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    from bitft.checkpoint import embedded_smollm2
+    from bitft.sources import embedded_smollm2
 
     return embedded_smollm2()
 
@@ -49,7 +49,8 @@ def smollm2_gguf():
 @pytest.fixture(scope="session")
 def smollm2_folder(smollm2_gguf):
     """SmolLM2-135M-Instruct as a float32 Hugging Face folder (built once, then cached)."""
-    from bitft.checkpoint import atomic_dir, load_gguf
+    from bitft.files import atomic_dir
+    from bitft.sources import load_gguf
 
     path = CACHE / "smollm2-135m-instruct-fp32"
     if not (path / "config.json").is_file():

@@ -7,7 +7,10 @@ import json
 import pytest
 import torch
 
-from bitft.data import DataArguments, DataError, PackedBlocks, build_datasets, local_files, pack, read_file
+from bitft.config import PretrainDataArguments
+from bitft.data.local import local_files
+from bitft.data.pretrain import PackedBlocks, build_datasets, pack, read_file
+from bitft.errors import DataError
 from helpers import DATA
 
 PRETRAIN = DATA / "pretrain"
@@ -114,7 +117,7 @@ def test_hub_unreachable_names_the_local_fallback(monkeypatch):
 
 def test_hub_streaming_path(monkeypatch):
     """The streaming branch, with a fake hub: eval documents skipped by the training stream."""
-    import bitft.data as data
+    import bitft.data.pretrain as data
 
     docs = [f"<{i:02d}>streamed" for i in range(60)]
     monkeypatch.setattr(data, "stream_hub", lambda *a, **k: iter(docs))
@@ -129,7 +132,7 @@ def test_hub_streaming_path(monkeypatch):
 
 
 def test_defaults_are_fineweb_edu():
-    d = DataArguments()
+    d = PretrainDataArguments()
     assert d.dataset == ["HuggingFaceFW/fineweb-edu"] and d.dataset_config == "sample-10BT"
 
 

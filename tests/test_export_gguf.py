@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bitft
+import bitft.convert
 from bitft.export.gguf import export_gguf
 from helpers import cli_refuses, tiny_model, wide_llama, with_tokenizer
 
@@ -63,7 +64,7 @@ def test_tokenizer_and_chat_template_are_carried_over(wide, tmp_path):
 def test_smollm2_shallow_truncations_agree_with_llama_cpp(smollm2_folder, tmp_path):
     """Untrained ternary SmolLM2 is chaotic at full depth: compare 1, 2 and 4 layers."""
     full = tmp_path / "full"
-    bitft.checkpoint.convert_checkpoint(str(smollm2_folder), full)
+    bitft.convert.convert_checkpoint(str(smollm2_folder), full)
     ids = AutoTokenizer.from_pretrained(full)("The capital of France is Paris, and the capital of Italy is").input_ids
     for layers in (1, 2, 4):
         model = AutoModelForCausalLM.from_pretrained(full, num_hidden_layers=layers, dtype=torch.float32).eval()

@@ -10,14 +10,15 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import bitft
-from bitft.schedule import LambdaCallback, LambdaSchedule, lambda_at
+from bitft.schedule import LambdaSchedule
+from bitft.train.callbacks import LambdaCallback
 from helpers import REPO, tiny_model
 
 
 def test_linear():
     s = LambdaSchedule("linear", warmup_steps=4)
     assert [s(i) for i in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert lambda_at(500, "linear", 1000) == 0.5
+    assert LambdaSchedule("linear", warmup_steps=1000)(500) == 0.5
 
 
 @pytest.mark.parametrize("k", [0.5, 4.0, 10.0, 50.0, 200.0])
@@ -70,7 +71,7 @@ def test_callback_sets_lambda_once_per_optimizer_step(tmp_path, monkeypatch):
     seen = []  # λ at every micro-batch forward
     model.register_forward_pre_hook(lambda m, a: seen.append(bitft.get_lambda(m)))
     calls = []
-    import bitft.schedule as sched
+    import bitft.train.callbacks as sched
 
     real = sched.set_lambda
     monkeypatch.setattr(sched, "set_lambda", lambda m, v: calls.append(v) or real(m, v))
@@ -84,11 +85,9 @@ def test_callback_sets_lambda_once_per_optimizer_step(tmp_path, monkeypatch):
     assert model.config.bitft["lambda"] == 1.0  # the config that checkpoints save follows λ
 
 
-def test_plot_schedule_script(tmp_path):
+def test_plot_schedule_command_draws_every_schedule(tmp_path, capsys):
+    from bitft.cli import main
+
     out = tmp_path / "schedules.png"
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_schedule.py"), "--steps", "200",
-                        "--warmup_steps", "100", "--k", "10", "--output", str(out)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "linear" in r.stdout and "sigmoid" in r.stdout
+    assert main(["plot-schedule", "--steps", "200", "--warmup-steps", "100", "--k", "5", "20", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {out}" in capsys.readouterr().out

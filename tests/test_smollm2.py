@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bitft
-from bitft.checkpoint import convert_checkpoint
+from bitft.convert import convert_checkpoint
 from bitft.evaluate import perplexity, token_windows
 from helpers import DATA
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bitft.checkpoint import BitftError
+from bitft.errors import BitftError
 from bitft.export.packed import read_checkpoint_config, _tensors_from_merged_lora, _tensors_from_shards
 from bitft.quant import ternarize
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from bitft.checkpoint import BitftError, _copy_side_files, atomic_dir, safetensors_header
+from bitft.errors import BitftError
+from bitft.files import atomic_dir, copy_side_files, safetensors_header
 from bitft.quant import pack_ternary, ternarize
 
 PACKED_CONFIG = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}
@@ -113,7 +114,7 @@ def export_packed(checkpoint, output, *, overwrite: bool = False, merge_lora: bo
     config["bitft_export"] = {"format": "packed", "converted_layers": len(weights)}
     with atomic_dir(Path(output), overwrite) as tmp:
         save_torch_state_dict(state, tmp, max_shard_size="5GB")
-        _copy_side_files(source, tmp)
+        copy_side_files(source, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return size_table(counts, Path(output))
 

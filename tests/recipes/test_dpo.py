@@ -1,4 +1,4 @@
-"""recipes/dpo.py on a tiny converted Llama (λ=1) and bitft.chat's preference data.
+"""recipes/dpo.py on a tiny converted Llama (λ=1) and bitft.data.chat's preference data.
 
 - the real entry point through `accelerate launch`: λ stays 1 in every log; the reference is a frozen
   copy with every BitLinear layer at λ=1, so the first loss is log 2 exactly (TRL's own default
@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_sft import ACCELERATE, REPO, SHARED, env, load_recipe, tiny_bitft, train_logs  # noqa: F401 (fixture)
+from recipes import dpo
+from test_sft import ACCELERATE, REPO, SHARED, env, tiny_bitft, train_logs  # noqa: F401 (fixture)
 
 DPO_DATA = SHARED / "data" / "dpo"
 MAX_STEPS = 6
@@ -78,7 +79,7 @@ def test_resume_reproduces_the_loss_tail(reference, tmp_path):
     for f in ("model.safetensors", "trainer_state.json", "dpo_results.json"):
         (run / f).unlink()
     shutil.rmtree(run / "checkpoint-6")
-    load_recipe("dpo").main(["--config", str(config), "--output_dir", str(run)])
+    dpo.main(["--config", str(config), "--output_dir", str(run)])
     got, want = train_logs(run), train_logs(ref_run)
     assert sorted(got) == list(range(1, MAX_STEPS + 1))
     for step in (4, 5, 6):
@@ -88,7 +89,7 @@ def test_resume_reproduces_the_loss_tail(reference, tmp_path):
 
 def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path, tiny_bitft):
     config = dpo_config(tmp_path, tiny_bitft, use_peft=True, lora_r=4, lora_alpha=8, max_steps=3, save_steps=3)
-    results = load_recipe("dpo").main(["--config", str(config)])
+    results = dpo.main(["--config", str(config)])
     assert results["reference"] == "adapters disabled" and results["reference_is_policy_object"]
     assert results["reference_bitlinear_layers"] == 14 and results["reference_trainable_params"] == 0
     assert results["before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
@@ -98,12 +99,11 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path, tiny_bitf
 
 @pytest.mark.parametrize("path", ["configs/dpo.yaml", "configs/demo/dpo.yaml"])
 def test_shipped_configs_parse(path):
-    from bitft.chat import BitDPOConfig, LoraArguments, PreferenceDataArguments, parse_trl_config
-    from bitft.training import ModelArguments
+    from bitft.config import BitDPOConfig, ModelArguments, PreferenceDataArguments, parse_config
 
     flags = ["--bf16", "false", "--use_cpu", "true", "--optim", "adamw_torch"] if "demo" not in path else []
-    m, d, lora, args = parse_trl_config((ModelArguments, PreferenceDataArguments, LoraArguments, BitDPOConfig),
-                                        ["--config", str(REPO / path), *flags, "--beta", "0.2"])
+    m, d, args = parse_config((ModelArguments, PreferenceDataArguments, BitDPOConfig),
+                              ["--config", str(REPO / path), *flags, "--beta", "0.2"])
     assert args.beta == 0.2 and args.loss_type == ["sigmoid"]
     if "demo" in path:
         assert m.model_name_or_path == "runs/demo-sft" and args.output_dir == "runs/demo-dpo"
@@ -112,7 +112,9 @@ def test_shipped_configs_parse(path):
 
 
 def test_preference_rows():
-    from bitft.chat import ChatDataError, PreferenceDataArguments, build_datasets, preference_row
+    from bitft.config import PreferenceDataArguments
+    from bitft.data.chat import build_datasets, preference_row
+    from bitft.errors import DataError
 
     u = lambda t: {"role": "user", "content": t}  # noqa: E731
     a = lambda t: {"role": "assistant", "content": t}  # noqa: E731
@@ -123,7 +125,7 @@ def test_preference_rows():
     sharegpt = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "good"},
                 "rejected": {"from": "gpt", "value": "bad"}}
     assert preference_row(sharegpt) == {"prompt": [u("q")], "chosen": [a("good")], "rejected": [a("bad")]}
-    with pytest.raises(ChatDataError, match="chosen"):
+    with pytest.raises(DataError, match="chosen"):
         preference_row({"prompt": "q", "answer": "x"})
     for name, n in [("oasst_en_100_pairs.trl_conversational.jsonl", 207), ("dpo_en_demo.json", 300)]:
         train, held = build_datasets(PreferenceDataArguments(dataset=[str(DPO_DATA / name)], eval_size=10), "preference", 0)
@@ -135,16 +137,17 @@ def test_hub_datasets_are_mapped_not_listed(monkeypatch):
     """A hub split (here a stand-in Dataset with UltraFeedback's columns) is normalized with Dataset.map."""
     import datasets
 
-    import bitft.chat as chat
+    import bitft.data.chat as chat
+    from bitft.config import ChatDataArguments, PreferenceDataArguments
 
     u, a = {"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}
     bad = {"role": "assistant", "content": "bad"}
     hub = datasets.Dataset.from_list([{"prompt": "q", "prompt_id": str(i), "chosen": [u, a], "rejected": [u, bad],
                                        "messages": [u, a], "score_chosen": 8.0} for i in range(6)])
     monkeypatch.setattr(chat, "read_rows", lambda *args, **kw: hub)
-    train, held = chat.build_datasets(chat.PreferenceDataArguments(dataset=["HuggingFaceH4/ultrafeedback_binarized"],
+    train, held = chat.build_datasets(PreferenceDataArguments(dataset=["HuggingFaceH4/ultrafeedback_binarized"],
                                                                    eval_size=2), "preference", seed=0)
     assert sorted(train.column_names) == ["chosen", "prompt", "rejected"] and (len(train), len(held)) == (4, 2)
     assert train[0] == {"prompt": [u], "chosen": [a], "rejected": [bad]}
-    train, held = chat.build_datasets(chat.ChatDataArguments(dataset=["HuggingFaceH4/ultrachat_200k"], eval_size=0), "chat", 0)
+    train, held = chat.build_datasets(ChatDataArguments(dataset=["HuggingFaceH4/ultrachat_200k"], eval_size=0), "chat", 0)
     assert train.column_names == ["messages"] and len(train) == 6 and held is None

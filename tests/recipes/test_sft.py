@@ -1,4 +1,4 @@
-"""recipes/sft.py on a tiny converted Llama (λ=1) and bitft.chat's data and template handling.
+"""recipes/sft.py on a tiny converted Llama (λ=1) and bitft.data.chat's data and template handling.
 
 - the real entry point through `accelerate launch`: λ stays 1 in every log, held-out loss before/after,
   checkpoints marked complete, the output reloads as a bitft model at λ=1;
@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from recipes import sft
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -37,13 +38,6 @@ MARKED_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}assi
 MAX_STEPS = 6
 
 
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def env(**extra):
     e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1",
              PYTHONUNBUFFERED="1")
@@ -55,7 +49,7 @@ def env(**extra):
 @pytest.fixture(scope="session")
 def tiny_bitft(tiny_llama_folder, tmp_path_factory):
     """The tiny random Llama converted at λ=1 (a bitft checkpoint), and a template file."""
-    from bitft.checkpoint import convert_checkpoint
+    from bitft.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-bitft")
     convert_checkpoint(str(tiny_llama_folder), root / "model")
@@ -121,7 +115,7 @@ def test_resume_reproduces_the_loss_tail(reference, tmp_path):
     for f in ("model.safetensors", "trainer_state.json", "sft_results.json"):
         (run / f).unlink()
     shutil.rmtree(run / "checkpoint-6")
-    results = load_recipe("sft").main(["--config", str(config), "--output_dir", str(run)])
+    results = sft.main(["--config", str(config), "--output_dir", str(run)])
     got, want = train_logs(run), train_logs(ref_run)
     assert sorted(got) == list(range(1, MAX_STEPS + 1))
     for step in (4, 5, 6):
@@ -131,7 +125,7 @@ def test_resume_reproduces_the_loss_tail(reference, tmp_path):
 
 def test_lora_trains_adapters_on_bitlinear_and_reports_the_merge(tmp_path, tiny_bitft):
     config = sft_config(tmp_path, tiny_bitft, use_peft=True, lora_r=4, lora_alpha=8, max_steps=3, save_steps=3)
-    results = load_recipe("sft").main(["--config", str(config)])
+    results = sft.main(["--config", str(config)])
     run = tmp_path / "run"
     adapter = json.loads((run / "adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]) == (tiny_bitft / "model").resolve()
@@ -159,13 +153,12 @@ def test_unknown_key_is_an_error(tmp_path, tiny_bitft):
 
 @pytest.mark.parametrize("path", ["configs/sft.yaml", "configs/demo/sft.yaml"])
 def test_shipped_configs_parse(path):
-    from bitft.chat import BitSFTConfig, ChatDataArguments, LoraArguments, parse_trl_config
-    from bitft.training import ModelArguments
+    from bitft.config import BitSFTConfig, ChatDataArguments, ModelArguments, parse_config
 
     flags = ["--bf16", "false", "--use_cpu", "true", "--optim", "adamw_torch"] if "demo" not in path else []
-    m, d, lora, args = parse_trl_config((ModelArguments, ChatDataArguments, LoraArguments, BitSFTConfig),
-                                        ["--config", str(REPO / path), *flags, "--max_steps", "7"])
-    assert args.max_steps == 7 and args.assistant_only_loss and not lora.use_peft
+    m, d, args = parse_config((ModelArguments, ChatDataArguments, BitSFTConfig),
+                              ["--config", str(REPO / path), *flags, "--max_steps", "7"])
+    assert args.max_steps == 7 and args.assistant_only_loss and not m.use_peft
     if "demo" in path:
         assert m.model_name_or_path == "runs/demo-warmup" and args.output_dir == "runs/demo-sft" and not args.bf16
     else:
@@ -189,7 +182,8 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 def test_assistant_only_loss_where_the_template_allows_it(tiny_llama_folder):
     import datasets
 
-    from bitft.chat import ChatDataError, resolve_assistant_only
+    from bitft.data.chat import resolve_assistant_only
+    from bitft.errors import DataError
 
     ds = datasets.Dataset.from_list([CHAT])
     on, train, _, how = resolve_assistant_only(_tok(tiny_llama_folder, MARKED_TEMPLATE), ds, None, True, "last_turn")
@@ -198,7 +192,7 @@ def test_assistant_only_loss_where_the_template_allows_it(tiny_llama_folder):
     assert not on and train[0] == {"prompt": CHAT["messages"][:3], "completion": CHAT["messages"][3:]} and len(held) == 1
     on, train, _, how = resolve_assistant_only(_tok(tiny_llama_folder, PLAIN_TEMPLATE), ds, None, True, "full")
     assert not on and train[0] == CHAT and "every token" in how
-    with pytest.raises(ChatDataError, match="generation"):
+    with pytest.raises(DataError, match="generation"):
         resolve_assistant_only(_tok(tiny_llama_folder, PLAIN_TEMPLATE), ds, None, True, "error")
 
 
@@ -207,7 +201,7 @@ def test_smollm2_template_falls_back_to_last_turn_loss(smollm2_folder):
     import datasets
     from transformers import AutoTokenizer
 
-    from bitft.chat import assistant_mask_template, resolve_assistant_only
+    from bitft.data.chat import assistant_mask_template, resolve_assistant_only
 
     tok = AutoTokenizer.from_pretrained(smollm2_folder)
     assert tok.chat_template and assistant_mask_template(tok) is None
@@ -219,13 +213,15 @@ def test_smollm2_template_falls_back_to_last_turn_loss(smollm2_folder):
 
 
 def test_chat_rows_in_three_layouts_and_a_held_out_slice(tmp_path):
-    from bitft.chat import ChatDataArguments, ChatDataError, build_datasets, chat_row
+    from bitft.config import ChatDataArguments
+    from bitft.data.chat import build_datasets, chat_row
+    from bitft.errors import DataError
 
     assert chat_row({"instruction": "Sum", "input": "1 1", "output": "2"})["messages"] == [
         {"role": "user", "content": "Sum\n\n1 1"}, {"role": "assistant", "content": "2"}]
     assert chat_row({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]})["messages"] == [
         {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    with pytest.raises(ChatDataError, match="needs `messages`"):
+    with pytest.raises(DataError, match="needs `messages`"):
         chat_row({"text": "x"}, "f.jsonl row 0")
     args = ChatDataArguments(dataset=[str(SFT_DATA / "oasst_en_100_sft_messages.jsonl"), str(SFT_DATA / "alpaca_en_demo.json")],
                              eval_size=20)
@@ -235,9 +231,9 @@ def test_chat_rows_in_three_layouts_and_a_held_out_slice(tmp_path):
     assert not text(train) & text(held)
     train2, held2 = build_datasets(args, "chat", seed=0)
     assert text(held2) == text(held)
-    with pytest.raises(ChatDataError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         build_datasets(ChatDataArguments(dataset=[str(tmp_path / "missing.jsonl")]), "chat", seed=0)
-    with pytest.raises(ChatDataError, match="local jsonl/json"):
+    with pytest.raises(DataError, match="local jsonl/json"):
         build_datasets(ChatDataArguments(dataset=["no-such-org/no-such-dataset"]), "chat", seed=0)
 
 

@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bitft.training import COMPLETE_MARKER, ConfigError, is_complete, newest_checkpoint, parse_config
+from bitft.config import parse_config
+from bitft.errors import ConfigError
+from bitft.train.resume import COMPLETE_MARKER, is_complete, newest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "warmup_10B.py"
@@ -182,7 +184,7 @@ def test_checkpoint_discovery(tmp_path):
         ck = tmp_path / f"checkpoint-{step}"
         ck.mkdir()
         (ck / "trainer_state.json").write_text("{}")
-        from bitft.training import mark_complete
+        from bitft.train.resume import mark_complete
 
         mark_complete(ck, step)
     (tmp_path / "checkpoint-12").mkdir()  # started, never finished
@@ -233,11 +235,9 @@ def test_deepspeed_zero2_two_cpu_processes(reference, tmp_path, tiny_llama_folde
 def _types():
     from transformers import TrainingArguments
 
-    from bitft.data import DataArguments
-    from bitft.schedule import LambdaArguments
-    from bitft.training import ModelArguments
+    from bitft.config import LambdaArguments, ModelArguments, PretrainDataArguments
 
-    return (ModelArguments, DataArguments, LambdaArguments, TrainingArguments)
+    return (ModelArguments, PretrainDataArguments, LambdaArguments, TrainingArguments)
 
 
 def test_flags_override_yaml(tmp_path, tiny_llama_folder):

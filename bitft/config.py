@@ -1,0 +1,169 @@
+"""Every recipe's configuration: bitft's `*Arguments` dataclasses and the one parser that fills them.
+
+A recipe's keys are the fields of the dataclasses it names (bitft's below, plus the Hugging Face
+TrainingArguments / TRL SFTConfig / DPOConfig fields), given in `--config FILE.yaml` (a flat
+mapping) and overridden by `--key value` flags. `parse_config` is a thin wrapper of TRL's
+TrlParser (an HfArgumentParser that reads `--config`): it first checks every YAML key and flag
+against the fields, so an unknown one is a ConfigError that says what it probably meant.
+
+Model keys and LoRA keys are TRL's `ModelConfig` (model_name_or_path, dtype, use_peft, lora_r, ...),
+extended with bitft's on-the-fly conversion keys; `get_peft_config` builds the LoraConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
+
+from bitft.errors import ConfigError
+
+FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
+ASSISTANT_FALLBACKS = ("last_turn", "full", "error")
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's ModelConfig (model, dtype, LoRA) plus the keys of an on-the-fly conversion."""
+
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "tokenizer, when the model source has none"})
+    targets: list[str] | None = field(default=None, metadata={"help": "on-the-fly conversion: linear layers to convert (names or suffixes)"})
+    exclude: list[str] | None = field(default=None, metadata={"help": "on-the-fly conversion: linear layers to keep full precision"})
+    subln: bool = field(default=False, metadata={"help": "on-the-fly conversion: add SubLN before each activation quantizer"})
+
+    def torch_dtype(self):
+        """The master weights' dtype for from_pretrained ("auto" keeps the checkpoint's)."""
+        return "auto" if self.dtype in (None, "auto") else getattr(torch, self.dtype)
+
+    def conversion(self) -> dict:
+        """convert_model's keyword arguments for a source that is not a bitft checkpoint yet."""
+        return {"targets": self.targets, "exclude": self.exclude, "subln": self.subln}
+
+
+@dataclass
+class LambdaArguments:
+    # λ: 0 = full precision, 1 = ternary; set on every BitLinear once per optimizer step
+    lambda_schedule: str = field(default="linear", metadata={"help": "linear, sigmoid or constant"})
+    lambda_warmup_steps: int = field(default=1000, metadata={"help": "optimizer steps until λ reaches 1"})
+    lambda_k: float = field(default=10.0, metadata={"help": "slope of the sigmoid schedule"})
+    lambda_value: float = field(default=1.0, metadata={"help": "λ of the constant schedule"})
+
+    def schedule(self):
+        from bitft.schedule import LambdaSchedule
+
+        try:
+            return LambdaSchedule(self.lambda_schedule, self.lambda_warmup_steps, self.lambda_k, self.lambda_value)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
+class PretrainDataArguments:
+    # data: FineWeb-edu streamed from the hub, or local jsonl/json/parquet/txt files and folders
+    dataset: list[str] = field(default_factory=lambda: [FINEWEB_EDU], metadata={"help": "hub dataset id, or local files/folders"})
+    dataset_config: str | None = field(default="sample-10BT", metadata={"help": "hub dataset config"})
+    dataset_split: str = field(default="train", metadata={"help": "hub dataset split"})
+    text_field: str = field(default="text", metadata={"help": "column/field that holds the document text"})
+    block_size: int = field(default=2048, metadata={"help": "tokens per packed training sequence"})
+    eval_blocks: int = field(default=64, metadata={"help": "held-out blocks for evaluation (whole documents, never trained on)"})
+    shuffle_buffer: int = field(default=10_000, metadata={"help": "streaming shuffle buffer (documents)"})
+    max_documents: int | None = field(default=None, metadata={"help": "use only the first N documents of the shuffled order"})
+
+
+@dataclass
+class RowDataArguments:
+    dataset: list[str] = field(default_factory=list, metadata={"help": "hub dataset id, or local jsonl/json files/folders"})
+    dataset_config: str | None = field(default=None, metadata={"help": "hub dataset config"})
+    dataset_split: str = field(default="train", metadata={"help": "hub dataset split"})
+    eval_dataset: list[str] | None = field(default=None, metadata={"help": "held-out data (hub id or local files); default: eval_size rows of dataset"})
+    eval_split: str = field(default="test", metadata={"help": "hub split of eval_dataset"})
+    eval_size: int = field(default=0, metadata={"help": "rows of the shuffled dataset held out for evaluation (never trained on)"})
+    max_samples: int | None = field(default=None, metadata={"help": "train on at most this many rows (after the held-out slice)"})
+
+
+@dataclass
+class ChatDataArguments(RowDataArguments):
+    # data: chat rows ({messages}); the chat template comes from the tokenizer or SFTConfig.chat_template_path
+    assistant_only_fallback: str = field(default="last_turn", metadata={
+        "help": "when assistant_only_loss is set but the template has no {% generation %} markers TRL can use: "
+                "last_turn (loss on the final assistant reply), full (every token) or error"})
+
+    def __post_init__(self):
+        if self.assistant_only_fallback not in ASSISTANT_FALLBACKS:
+            raise ConfigError(f"assistant_only_fallback must be one of {', '.join(ASSISTANT_FALLBACKS)}, "
+                              f"got {self.assistant_only_fallback!r}")
+
+
+@dataclass
+class PreferenceDataArguments(RowDataArguments):
+    # data: preference rows ({prompt, chosen, rejected}); DPOConfig has no chat_template_path, so it is here
+    chat_template_path: str | None = field(default=None, metadata={
+        "help": "chat template when the tokenizer has none: a .jinja file, or a tokenizer folder / hub id to take it from"})
+
+
+def _device_bf16(config) -> None:
+    """bf16=None (TRL's default, which means True) becomes False where there is no bf16 GPU, instead of an error."""
+    if config.bf16 is None and not config.fp16:
+        config.bf16 = bool(not config.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+@dataclass
+class BitSFTConfig(SFTConfig):
+    """TRL's SFTConfig; bf16 left unset follows the device (TRL would turn it on and fail on CPU)."""
+
+    def __post_init__(self):
+        _device_bf16(self)
+        super().__post_init__()
+
+
+@dataclass
+class BitDPOConfig(DPOConfig):
+    """TRL's DPOConfig; bf16 left unset follows the device (TRL would turn it on and fail on CPU)."""
+
+    def __post_init__(self):
+        _device_bf16(self)
+        super().__post_init__()
+
+
+def _unknown(name: str, known: set[str], prefix: str = "") -> str:
+    m = difflib.get_close_matches(name, known, 1)
+    return f"{prefix}{name} (did you mean {prefix}{m[0]}?)" if m else f"{prefix}{name}"
+
+
+def parse_config(types, argv: list[str] | None = None):
+    """Dataclass instances from `--config FILE.yaml` plus flags that override its keys (TRL's TrlParser)."""
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser(types)
+    known = {f.name for t in parser.dataclass_types for f in dataclasses.fields(t) if f.init}
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a YAML file")
+        path = Path(argv[i + 1])
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must be a YAML mapping of key: value")
+        unknown = sorted(set(values) - known - {"env"})  # `env:` sets environment variables (TrlParser)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s): {', '.join(_unknown(k, known) for k in unknown)}")
+    for a in argv:
+        if a.startswith("--") and a != "--config":
+            name = a[2:].split("=", 1)[0]
+            if name not in known and not (name.startswith("no_") and name[3:] in known):
+                raise ConfigError(f"unknown flag {_unknown(name, known, '--')}")
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None

@@ -1,0 +1,50 @@
+"""One error type for everything a user can get wrong, and one way to report it.
+
+Every problem bitft can name (a bad path, a bad config key, unusable data, a non-finite loss) is
+a `BitftError` whose message is one line that names the problem and the fix. `run_main` is the
+one wrapper the CLI and every recipe use: it turns such an error into that line on stderr and an
+exit code (the error's own, or the program's default), and lets anything else through as a bug.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+class BitftError(Exception):
+    """A problem with the user's input, said in one line that names the fix."""
+
+    exit_code: int | None = None  # None: the program's default (1 for `bitft`, 2 for the recipes)
+
+
+class ConfigError(BitftError):
+    """A problem with a run's configuration (YAML keys, flags, combinations)."""
+
+
+class DataError(BitftError):
+    """A problem with the data: files, fields, rows, chat templates."""
+
+
+class NonFiniteLossError(BitftError):
+    """A NaN/inf training loss; the state of the last good step has been saved."""
+
+    exit_code = 3
+
+    def __init__(self, step: int, loss: float, message: str | None = None):
+        self.step, self.loss = step, loss
+        super().__init__(message or f"loss is {loss} at optimizer step {step}: training stopped")
+
+
+def run_main(main, prog: str, argv=None, exit_code: int = 1) -> int:
+    """main(argv), with a BitftError turned into `PROG: error: MESSAGE` on stderr and its exit code.
+
+    BITFT_DEBUG=1 re-raises instead, for the traceback."""
+    try:
+        main(argv)
+    except BitftError as e:
+        if os.environ.get("BITFT_DEBUG"):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code if e.exit_code is not None else exit_code
+    return 0

@@ -1,0 +1,95 @@
+"""`bitft info`: what a checkpoint folder is, read from config.json and safetensors headers (no tensor loaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from bitft.errors import BitftError
+from bitft.files import safetensors_header
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def describe_gguf(path: Path) -> list[tuple[str, str]]:
+    """`bitft info` of a .gguf file: its metadata and tensor types, no tensor loaded."""
+    from gguf import GGUFReader
+
+    from bitft.sources import check_gguf
+
+    check_gguf(path)
+    reader = GGUFReader(path)
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field else "?"
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return [("path", str(path)), ("format", f"GGUF ({arch} graph, llama.cpp)"),
+            ("parameters", f"{sum(types.values()):,} in {len(reader.tensors)} tensors"),
+            ("tensor types", ", ".join(f"{k} {v:,}" for k, v in sorted(types.items()))),
+            ("bytes on disk", f"{path.stat().st_size:,} ({_human(path.stat().st_size)})")]
+
+
+def describe_checkpoint(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """`bitft info`: (field, value) rows read from config.json and safetensors headers, no tensor loaded.
+    A .gguf file (or `smollm2`) is described from its GGUF metadata."""
+    from bitft.sources import SMOLLM2, embedded_smollm2
+    from bitft.surgery import summarize_names
+
+    if str(path) == SMOLLM2 and not Path(path).exists():
+        path = embedded_smollm2()
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return describe_gguf(path)
+    if not (path / "config.json").is_file():
+        raise BitftError(f"{path} has no config.json: it is not a Hugging Face checkpoint folder")
+    config = json.loads((path / "config.json").read_text())
+    shards = sorted(path.glob("*.safetensors"))
+    params, dtypes = 0, {}
+    for s in shards:
+        for k, v in safetensors_header(s).items():
+            if k == "__metadata__":
+                continue
+            n = 1
+            for d in v["shape"]:
+                n *= d
+            params += n
+            dtypes[v["dtype"]] = dtypes.get(v["dtype"], 0) + n
+    meta = config.get("bitft")
+    qc = config.get("quantization_config") or {}
+    disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    rows = [
+        ("path", str(path)),
+        ("architecture", f"{(config.get('architectures') or ['?'])[0]} ({config.get('model_type')})"),
+        ("layers x hidden", f"{config.get('num_hidden_layers')} x {config.get('hidden_size')}"),
+        ("parameters", f"{params + 3 * dtypes.get('U8', 0):,} in {len(shards)} safetensors file(s)"
+                       + (" (each uint8 holds 4 weights)" if "U8" in dtypes else "")),
+        ("tensor dtypes", ", ".join(f"{k} {v:,}" for k, v in sorted(dtypes.items())) or "-"),
+    ]
+    if meta:
+        rows += [
+            ("converted layers", f"{len(meta['modules'])} BitLinear: {summarize_names(meta['modules'])}"),
+            ("full precision", summarize_names(meta["modules_to_not_convert"]) + ", embeddings, norms"),
+            ("lambda", f"{meta['lambda']:g}" + ("  (ternary)" if meta["lambda"] == 1 else "  (blend of full precision and ternary)")),
+            ("weights", "ternary {-1,0,1} x absmean scale per tensor, from the full-precision master weight"),
+            ("activations", "int8 absmax per token"),
+            ("SubLN", f"on (eps {meta['rms_norm_eps']:g})" if meta["subln"] else "off"),
+        ]
+    elif config.get("bitft_export"):
+        rows.append(("packed export", f"{config['bitft_export']['converted_layers']} ternary layers, uint8 4 a byte "
+                                      "+ weight_scale (transformers' bitlinear class)"))
+    else:
+        rows.append(("converted layers", "none: not a bitft checkpoint"))
+    if qc:
+        rows.append(("quantization_config", ", ".join(f"{k}={qc[k]}" for k in ("quant_method", "linear_class", "quantization_mode", "lambda") if k in qc)))
+        stock = {"bitnet": f"loads it ({'BitLinear, packed' if qc.get('linear_class') == 'bitlinear' else 'AutoBitLinear, online'})",
+                 "bitft": "warns and loads the full-precision weights; import bitft first"}
+        rows.append(("stock transformers", stock.get(qc.get("quant_method"), "?")))
+    rows.append(("bytes on disk", f"{disk:,} ({_human(disk)})"))
+    return rows
