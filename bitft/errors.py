@@ -16,6 +16,7 @@ class BitftError(Exception):
     """A problem with the user's input, said in one line that names the fix."""
 
     exit_code: int | None = None  # None: the program's default (1 for `bitft`, 2 for the recipes)
+    label = "error: "              # what `run_main` prints between the program's name and the message
 
 
 class ConfigError(BitftError):
@@ -30,6 +31,7 @@ class NonFiniteLossError(BitftError):
     """A NaN/inf training loss; the state of the last good step has been saved."""
 
     exit_code = 3
+    label = ""  # "sft: loss is nan at optimizer step 3, ...": a failure of the run, not of the input
 
     def __init__(self, step: int, loss: float, message: str | None = None):
         self.step, self.loss = step, loss
@@ -37,7 +39,7 @@ class NonFiniteLossError(BitftError):
 
 
 def run_main(main, prog: str, argv=None, exit_code: int = 1) -> int:
-    """main(argv), with a BitftError turned into `PROG: error: MESSAGE` on stderr and its exit code.
+    """main(argv), with a BitftError turned into one line on stderr (`PROG: error: MESSAGE`) and its exit code.
 
     BITFT_DEBUG=1 re-raises instead, for the traceback."""
     try:
@@ -45,6 +47,6 @@ def run_main(main, prog: str, argv=None, exit_code: int = 1) -> int:
     except BitftError as e:
         if os.environ.get("BITFT_DEBUG"):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        print(f"{prog}: {e.label}{e}", file=sys.stderr, flush=True)
         return e.exit_code if e.exit_code is not None else exit_code
     return 0
