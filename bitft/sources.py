@@ -106,8 +106,9 @@ def load_gguf(path: Path, dtype=torch.float32):
 class Loaded:
     model: torch.nn.Module
     tokenizer: object | None
-    path: Path      # the local folder or .gguf file the reference resolved to
-    what: str       # one line: what kind of model this is
+    path: Path        # the local folder or .gguf file the reference resolved to
+    what: str         # one line: what kind of model this is
+    converted: bool   # converted on the fly here (not a bitft checkpoint on disk)
 
 
 def load_model(source: str, *, dtype=torch.float32, lam: float | None = None, convert: dict | None = None,
@@ -150,7 +151,7 @@ def load_model(source: str, *, dtype=torch.float32, lam: float | None = None, co
                 if qc.get("quant_method") == "bitnet" else f"full precision ({_dtype(next(model.parameters()).dtype)})")
     if tokenizer:
         tok = AutoTokenizer.from_pretrained(tokenizer)
-    return Loaded(model, tok, path, what)
+    return Loaded(model, tok, path, what, converted=bool(meta is None and convert is not None))
 
 
 def _dtype(dtype) -> str:

@@ -21,7 +21,6 @@ checkpoint; a NaN/inf loss stops the run with its state saved.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -37,7 +36,7 @@ from bitft.surgery import bit_linears
 from bitft.train.callbacks import ternary_lambda
 from bitft.train.model import frozen_copy, load_model, lora_config
 from bitft.train.resume import CheckpointMarker
-from bitft.train.trainer import BitDPOTrainer, logger, start_run, train_and_evaluate
+from bitft.train.trainer import BitDPOTrainer, finish_run, logger, start_run, train_and_evaluate
 
 KEYS = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_rewards/chosen", "eval_rewards/rejected")
 
@@ -74,13 +73,7 @@ def main(argv=None) -> dict:
 
     # 4. train (resuming where a killed run stopped), held-out metrics before (fresh start) and after; save
     results.update(train_and_evaluate(trainer, resume, evaluate=eval_set is not None))
-    trainer.save_model(args.output_dir)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "dpo_results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        report(results)
-    return results
+    return finish_run(trainer, results, "dpo", report)
 
 
 def reference_check(trainer) -> dict:

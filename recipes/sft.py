@@ -20,7 +20,6 @@ the run with its state saved. With use_peft the output folder holds adapters; `b
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -33,7 +32,7 @@ from bitft.errors import run_main
 from bitft.train.callbacks import ternary_lambda
 from bitft.train.model import load_model, lora_config
 from bitft.train.resume import CheckpointMarker
-from bitft.train.trainer import BitSFTTrainer, logger, merged_evaluate, start_run, train_and_evaluate
+from bitft.train.trainer import BitSFTTrainer, finish_run, logger, merged_evaluate, start_run, train_and_evaluate
 
 
 def main(argv=None) -> dict:
@@ -64,15 +63,9 @@ def main(argv=None) -> dict:
 
     # 5. train (resuming where a killed run stopped), held-out loss before (fresh start) and after; save
     results.update(train_and_evaluate(trainer, resume, evaluate=eval_set is not None))
-    trainer.save_model(args.output_dir)
-    trainer.save_state()
     if eval_set is not None and peft_config is not None:
         results["after_merged"] = merged_evaluate(trainer)  # what `bitft export --merge-lora` will give
-    if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "sft_results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        report(results)
-    return results
+    return finish_run(trainer, results, "sft", report)
 
 
 def report(r: dict) -> None:

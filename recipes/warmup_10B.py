@@ -17,7 +17,6 @@ Relaunching the same command after a crash or kill -9 resumes from the newest co
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -33,7 +32,7 @@ from bitft.errors import ConfigError, run_main
 from bitft.train.callbacks import LambdaCallback, ThroughputCallback, install_progress
 from bitft.train.model import load_model
 from bitft.train.resume import CheckpointMarker
-from bitft.train.trainer import BitftTrainer, logger, start_run, train_and_evaluate
+from bitft.train.trainer import BitftTrainer, finish_run, logger, start_run, train_and_evaluate
 
 
 def main(argv=None) -> dict:
@@ -79,13 +78,7 @@ def main(argv=None) -> dict:
 
     # 6. the final converted checkpoint (loads with from_pretrained)
     bitft.set_lambda(trainer.model, schedule(trainer.state.global_step))
-    trainer.save_model(args.output_dir)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "warmup_results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        report(results)
-    return results
+    return finish_run(trainer, results, "warmup", report)
 
 
 def report(r: dict) -> None:

@@ -83,7 +83,12 @@ def test_packed_weights_and_scales_are_what_stock_expects(tmp_path):
     assert torch.equal(codes.float(), (w / s).round().clamp(-1, 1))
     # bitlinear divides by weight_scale: it holds 1 / s
     torch.testing.assert_close(state["model.layers.0.mlp.up_proj.weight_scale"], (1 / s).reshape(1))
-    assert state["lm_head.weight"].dtype == torch.float32 if "lm_head.weight" in state else True
+    # embeddings and lm_head stay full precision, bit for bit (an untied lm_head is written, a tied one is not)
+    assert torch.equal(state["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+    if model.config.tie_word_embeddings:
+        assert "lm_head.weight" not in state
+    else:
+        assert torch.equal(state["lm_head.weight"], model.lm_head.weight)
 
 
 def bad(tmp_path, capsys, *args):

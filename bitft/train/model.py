@@ -28,7 +28,7 @@ def load_model(args: ModelArguments, lam: float):
     loaded = load_source(source, dtype=args.torch_dtype(), lam=lam, convert=args.conversion(),
                          tokenizer=args.tokenizer_name_or_path)
     model, meta = loaded.model, loaded.model.config.bitft
-    is_checkpoint = "converted on the fly" not in loaded.what
+    is_checkpoint = not loaded.converted
     if is_checkpoint and meta["lambda"] != lam:
         logger.warning("%s was saved at λ=%g; this run starts at λ=%g", args.model_name_or_path, meta["lambda"], lam)
     logger.info("%s: %s", args.model_name_or_path, loaded.what)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -134,6 +135,20 @@ def train_and_evaluate(trainer, resume=None, evaluate: bool = True) -> dict:
         results["before"] = start[0]
     if evaluate:
         results["after"] = trainer.evaluate()
+    return results
+
+
+def finish_run(trainer, results: dict, name: str, report) -> dict:
+    """Save the final model and the trainer state; on the main process write NAME_results.json
+    (beside, then renamed) and REPORT(results) to the console."""
+    trainer.save_model(trainer.args.output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        path = Path(trainer.args.output_dir) / f"{name}_results.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, path)
+        report(results)
     return results
 
 

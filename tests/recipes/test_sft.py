@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -92,7 +93,7 @@ def test_launched_run_keeps_lambda_1_and_lowers_held_out_loss(reference):
     import bitft
     from transformers import AutoModelForCausalLM
 
-    from bitft.training import is_complete
+    from bitft.train.resume import is_complete
 
     _, run, r = reference
     logs = train_logs(run)
@@ -132,7 +133,9 @@ def test_lora_trains_adapters_on_bitlinear_and_reports_the_merge(tmp_path, tiny_
     assert sorted(adapter["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert not (run / "model.safetensors").exists()  # adapters only
     assert results["lora"] and results["lambda_final"] == 1.0
-    assert results["after_merged"]["eval_loss"] > 0 and results["after_merged"]["eval_loss"] != results["after"]["eval_loss"]
+    # merging the adapters into the master weights and re-ternarizing (what the export does) costs < 1% of held-out loss
+    merged, after = results["after_merged"]["eval_loss"], results["after"]["eval_loss"]
+    assert math.isfinite(merged) and abs(merged - after) <= 0.01 * after
 
 
 def test_no_chat_template_is_a_one_line_error(tmp_path, tiny_bitft):
@@ -240,7 +243,7 @@ def test_chat_rows_in_three_layouts_and_a_held_out_slice(tmp_path):
 # ----------------------------------------------------------------------------- shared with the warmup recipe
 
 def test_nan_loss_stops_with_state_saved(tmp_path, tiny_bitft):
-    from bitft.training import is_complete
+    from bitft.train.resume import is_complete
 
     config = sft_config(tmp_path, tiny_bitft, learning_rate=1e30, lr_scheduler_type="constant", save_steps=1000,
                         eval_size=0, max_grad_norm=0.0)
