@@ -63,6 +63,38 @@ class LambdaArguments:
 
 
 @dataclass
+class DistillArguments:
+    # distillation from the full-precision teacher (BitDistill); all zero = plain cross-entropy
+    distill_alpha: float = field(default=0.0, metadata={"help": "weight α of the logits KD term; the cross-entropy gets 1 − α"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "KD temperature τ (the KL is scaled by τ²)"})
+    attention_distill_weight: float = field(default=0.0, metadata={"help": "weight of the Q/K/V relation distillation (MiniLM-v2); 0 = off"})
+    attention_distill_layer: int = field(default=-1, metadata={"help": "decoder layer of the relation distillation (default the last)"})
+    teacher_name_or_path: str | None = field(default=None, metadata={
+        "help": "teacher model (same tokenizer); default: the model the run starts from, in full precision"})
+    teacher_dtype: str | None = field(default=None, metadata={"help": "teacher dtype (default: the master weights')"})
+    distill_chunk_size: int = field(default=1024, metadata={"help": "positions per chunk of teacher logits"})
+
+    def __post_init__(self):
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"distill_alpha must be in [0, 1] (0 = cross-entropy only), got {self.distill_alpha}")
+        if not self.distill_temperature > 0:
+            raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.attention_distill_weight < 0:
+            raise ConfigError(f"attention_distill_weight must be >= 0, got {self.attention_distill_weight}")
+        if self.distill_chunk_size < 1:
+            raise ConfigError(f"distill_chunk_size must be >= 1, got {self.distill_chunk_size}")
+        if self.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.distill_alpha > 0 or self.attention_distill_weight > 0
+
+    def torch_teacher_dtype(self):
+        return getattr(torch, self.teacher_dtype) if self.teacher_dtype else None
+
+
+@dataclass
 class PretrainDataArguments:
     # data: FineWeb-edu streamed from the hub, or local jsonl/json/parquet/txt files and folders
     dataset: list[str] = field(default_factory=lambda: [FINEWEB_EDU], metadata={"help": "hub dataset id, or local files/folders"})

@@ -102,6 +102,19 @@ def load_gguf(path: Path, dtype=torch.float32):
     return model.eval(), tokenizer
 
 
+def load_tokenizer(source: str):
+    """The tokenizer of SOURCE (a .gguf carries one), or None when the folder has none; no weights loaded."""
+    from transformers import AutoTokenizer
+
+    path = resolve_source(source)
+    try:
+        if path.is_file():
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:
+        return None
+
+
 @dataclass
 class Loaded:
     model: torch.nn.Module

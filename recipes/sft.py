@@ -26,10 +26,11 @@ import sys
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU
 
-from bitft.config import BitSFTConfig, ChatDataArguments, ModelArguments, parse_config
+from bitft.config import BitSFTConfig, ChatDataArguments, DistillArguments, ModelArguments, parse_config
 from bitft.data.chat import apply_template_source, build_datasets, require_chat_template, resolve_assistant_only
 from bitft.errors import run_main
 from bitft.train.callbacks import ternary_lambda
+from bitft.train.distill import build_teacher
 from bitft.train.model import load_model, lora_config
 from bitft.train.resume import CheckpointMarker
 from bitft.train.trainer import BitSFTTrainer, finish_run, logger, merged_evaluate, start_run, train_and_evaluate
@@ -37,11 +38,14 @@ from bitft.train.trainer import BitSFTTrainer, finish_run, logger, merged_evalua
 
 def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags (TRL's parser)
-    model_args, data_args, args = parse_config((ModelArguments, ChatDataArguments, BitSFTConfig), argv)
+    model_args, data_args, distill_args, args = parse_config(
+        (ModelArguments, ChatDataArguments, DistillArguments, BitSFTConfig), argv)
     resume = start_run(args)
 
     # 2. model at λ=1 and its chat template
     model, tokenizer, is_checkpoint = load_model(model_args, lam=1.0)
+    teacher = build_teacher(model, tokenizer, distill_args.teacher_name_or_path,
+                            distill_args.torch_teacher_dtype()) if distill_args.active else None
     apply_template_source(tokenizer, args.chat_template_path)
     args.chat_template_path = None  # applied above: TRL would also clone tokens from a tokenizer folder
     require_chat_template(tokenizer, model_args.model_name_or_path)
@@ -58,6 +62,8 @@ def main(argv=None) -> dict:
                             processing_class=tokenizer, peft_config=peft_config,
                             callbacks=[ternary_lambda(), CheckpointMarker()])
     trainer.eval_lambda = 1.0
+    if teacher is not None:  # distillation on the completion tokens the SFT loss uses
+        trainer.setup_distillation(teacher, distill_args)
     results = {"stage": "sft", "loss_on": how, "lora": peft_config is not None, "world_size": args.world_size,
                "train_rows": len(train_set), "eval_rows": len(eval_set) if eval_set else 0}
 

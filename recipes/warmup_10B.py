@@ -10,6 +10,7 @@ The 2-core CPU demo (SmolLM2-135M on the shared text, a few minutes):
 
     source ─▶ convert (BitLinear, λ=0) ─▶ Trainer: every optimizer step λ = schedule(step)
            ─▶ checkpoints (marked complete) ─▶ held-out λ=1 perplexity ─▶ converted checkpoint
+    [distill_alpha / attention_distill_weight > 0: the loss also distills the full-precision teacher]
 
 Relaunching the same command after a crash or kill -9 resumes from the newest complete checkpoint
 (step, λ, data position, optimizer, RNG). A NaN/inf loss stops the run with its state saved.
@@ -26,10 +27,11 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly
 from transformers import TrainingArguments, default_data_collator
 
 import bitft
-from bitft.config import LambdaArguments, ModelArguments, PretrainDataArguments, parse_config
+from bitft.config import DistillArguments, LambdaArguments, ModelArguments, PretrainDataArguments, parse_config
 from bitft.data.pretrain import build_datasets
 from bitft.errors import ConfigError, run_main
 from bitft.train.callbacks import LambdaCallback, ThroughputCallback, install_progress
+from bitft.train.distill import build_teacher
 from bitft.train.model import load_model
 from bitft.train.resume import CheckpointMarker
 from bitft.train.trainer import BitftTrainer, finish_run, logger, start_run, train_and_evaluate
@@ -37,8 +39,8 @@ from bitft.train.trainer import BitftTrainer, finish_run, logger, start_run, tra
 
 def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags
-    model_args, data_args, lambda_args, args = parse_config(
-        (ModelArguments, PretrainDataArguments, LambdaArguments, TrainingArguments), argv)
+    model_args, data_args, lambda_args, distill_args, args = parse_config(
+        (ModelArguments, PretrainDataArguments, LambdaArguments, DistillArguments, TrainingArguments), argv)
     if model_args.use_peft:
         raise ConfigError("use_peft: the warmup trains the master weights; LoRA is for the SFT and DPO recipes")
     if args.include_num_input_tokens_seen == "no":  # the Trainer counts tokens (all processes, resumes included)
@@ -46,8 +48,11 @@ def main(argv=None) -> dict:
     schedule = lambda_args.schedule()
     resume = start_run(args)
 
-    # 2. model: BitLinear everywhere the decoder has a linear layer, λ from the schedule
+    # 2. model: BitLinear everywhere the decoder has a linear layer, λ from the schedule; the teacher
+    #    (distillation only): by default the model as loaded, full precision, frozen
     model, tokenizer, _ = load_model(model_args, lam=schedule(0))
+    teacher = build_teacher(model, tokenizer, distill_args.teacher_name_or_path,
+                            distill_args.torch_teacher_dtype()) if distill_args.active else None
 
     # 3. data: packed blocks of block_size tokens, a held-out eval slice, a seeded order
     train_set, eval_set = build_datasets(
@@ -66,9 +71,15 @@ def main(argv=None) -> dict:
                            eval_dataset=eval_set if len(eval_set) else None, data_collator=default_data_collator,
                            processing_class=tokenizer, callbacks=[lambda_cb, ThroughputCallback(), CheckpointMarker()])
     trainer.eval_lambda = 1.0
+    if teacher is not None:
+        trainer.setup_distillation(teacher, distill_args)
     install_progress(trainer, lambda_cb)
     results = {"tokens_per_step": tokens_per_step, "world_size": args.world_size,
-               "engine": trainer.accelerator.distributed_type.value}
+               "engine": trainer.accelerator.distributed_type.value,
+               "distill": {"alpha": distill_args.distill_alpha, "temperature": distill_args.distill_temperature,
+                           "attention_weight": distill_args.attention_distill_weight,
+                           "teacher": distill_args.teacher_name_or_path or "the starting model, full precision"}
+               if teacher is not None else None}
 
     # 5. train (resuming where a killed run stopped), held-out figures before (fresh start) and after
     results.update(train_and_evaluate(trainer, resume, evaluate=bool(eval_set)))

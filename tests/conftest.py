@@ -69,3 +69,10 @@ def smollm2(smollm2_folder):
     model = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(smollm2_folder)
 
+
+
+def pytest_collection_modifyitems(items):
+    """Every test of the real SmolLM2 (the `smollm2` marker, or its loaded folder) is in the slow tier."""
+    for item in items:
+        if item.get_closest_marker("smollm2") or {"smollm2", "smollm2_folder"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

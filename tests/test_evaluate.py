@@ -153,6 +153,7 @@ def wide_gguf(tmp_path_factory, smollm2_folder):
     return folder, folder.parent / "m.gguf"
 
 
+@pytest.mark.slow
 def test_gguf_through_llama_cpp_matches_the_checkpoint(wide_gguf, tmp_path, capsys):
     folder, gguf = wide_gguf
     args = ["--ppl", "--data", WIKITEXT, "--seqlen", 128, "--limit", 2]

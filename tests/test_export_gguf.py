@@ -10,6 +10,8 @@ import bitft.convert
 from bitft.export.gguf import export_gguf
 from helpers import cli_refuses, tiny_model, wide_llama, with_tokenizer
 
+pytestmark = pytest.mark.slow  # llama.cpp
+
 llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
 
 

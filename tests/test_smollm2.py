@@ -13,7 +13,7 @@ from bitft.convert import convert_checkpoint
 from bitft.evaluate import perplexity, token_windows
 from helpers import DATA
 
-pytestmark = pytest.mark.smollm2
+pytestmark = pytest.mark.smollm2  # and slow (tests/conftest.py)
 HERE = Path(__file__).parent
 
 

@@ -26,6 +26,7 @@ from trl import DPOTrainer, SFTTrainer
 
 from bitft.errors import ConfigError, NonFiniteLossError
 from bitft.surgery import get_lambda, set_lambda
+from bitft.train.distill import DistillMixin
 from bitft.train.resume import is_complete, resume_checkpoint, save_checkpoint
 
 logger = logging.getLogger("bitft")
@@ -92,12 +93,12 @@ def train(trainer, resume_from_checkpoint=None):
             "Lower the learning rate or check the data, then relaunch the same command to resume.")) from None
 
 
-class BitftTrainer(BitftTrainerMixin, Trainer):
-    """The Trainer (continued pre-training), with bitft's NaN/inf guard and λ / tokens in its logs."""
+class BitftTrainer(DistillMixin, BitftTrainerMixin, Trainer):
+    """The Trainer (continued pre-training), with bitft's NaN/inf guard, λ / tokens in its logs, distillation."""
 
 
-class BitSFTTrainer(BitftTrainerMixin, SFTTrainer):
-    """TRL's SFTTrainer, with bitft's NaN/inf guard and λ in its logs."""
+class BitSFTTrainer(DistillMixin, BitftTrainerMixin, SFTTrainer):
+    """TRL's SFTTrainer, with bitft's NaN/inf guard, λ in its logs, distillation."""
 
 
 class BitDPOTrainer(BitftTrainerMixin, DPOTrainer):

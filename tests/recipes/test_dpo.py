@@ -52,6 +52,7 @@ def reference(tmp_path_factory, tiny_bitft):
     return config, tmp / "run", r
 
 
+@pytest.mark.slow
 def test_reference_is_a_frozen_bitlinear_copy_and_lambda_stays_1(reference):
     import bitft
     from transformers import AutoModelForCausalLM
@@ -72,6 +73,7 @@ def test_reference_is_a_frozen_bitlinear_copy_and_lambda_stays_1(reference):
     assert bitft.get_lambda(model) == 1.0
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_loss_tail(reference, tmp_path):
     config, ref_run, _ = reference
     run = tmp_path / "run"
@@ -87,6 +89,7 @@ def test_resume_reproduces_the_loss_tail(reference, tmp_path):
         assert got[step]["rewards/margins"] == pytest.approx(want[step]["rewards/margins"], rel=1e-4, abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path, tiny_bitft):
     config = dpo_config(tmp_path, tiny_bitft, use_peft=True, lora_r=4, lora_alpha=8, max_steps=3, save_steps=3)
     results = dpo.main(["--config", str(config)])

@@ -89,6 +89,7 @@ def reference(tmp_path_factory, tiny_bitft):
     return config, tmp / "run", r
 
 
+@pytest.mark.slow
 def test_launched_run_keeps_lambda_1_and_lowers_held_out_loss(reference):
     import bitft
     from transformers import AutoModelForCausalLM
@@ -109,6 +110,7 @@ def test_launched_run_keeps_lambda_1_and_lowers_held_out_loss(reference):
     assert bitft.get_lambda(model) == 1.0 and len(model.config.bitft["modules"]) == 14
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_loss_tail(reference, tmp_path):
     config, ref_run, _ = reference
     run = tmp_path / "run"
@@ -124,6 +126,7 @@ def test_resume_reproduces_the_loss_tail(reference, tmp_path):
     assert results["before"] == json.loads((ref_run / "sft_results.json").read_text())["before"]  # kept in the history
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_on_bitlinear_and_reports_the_merge(tmp_path, tiny_bitft):
     config = sft_config(tmp_path, tiny_bitft, use_peft=True, lora_r=4, lora_alpha=8, max_steps=3, save_steps=3)
     results = sft.main(["--config", str(config)])
@@ -138,6 +141,7 @@ def test_lora_trains_adapters_on_bitlinear_and_reports_the_merge(tmp_path, tiny_
     assert math.isfinite(merged) and abs(merged - after) <= 0.01 * after
 
 
+@pytest.mark.slow
 def test_no_chat_template_is_a_one_line_error(tmp_path, tiny_bitft):
     config = sft_config(tmp_path, tiny_bitft, chat_template_path=None)
     r = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(config)], cwd=REPO, env=env(),
@@ -147,6 +151,7 @@ def test_no_chat_template_is_a_one_line_error(tmp_path, tiny_bitft):
     assert "has no chat template" in msg and "chat_template_path" in msg and ".jinja" in msg
 
 
+@pytest.mark.slow
 def test_unknown_key_is_an_error(tmp_path, tiny_bitft):
     config = sft_config(tmp_path, tiny_bitft, assistant_only_los=True)
     r = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(config)], cwd=REPO, env=env(),
@@ -199,6 +204,7 @@ def test_assistant_only_loss_where_the_template_allows_it(tiny_llama_folder):
         resolve_assistant_only(_tok(tiny_llama_folder, PLAIN_TEMPLATE), ds, None, True, "error")
 
 
+@pytest.mark.slow
 def test_smollm2_template_falls_back_to_last_turn_loss(smollm2_folder):
     """SmolLM2's real ChatML template: TRL cannot mask it; the fallback trains on the final reply's tokens only."""
     import datasets
@@ -242,6 +248,7 @@ def test_chat_rows_in_three_layouts_and_a_held_out_slice(tmp_path):
 
 # ----------------------------------------------------------------------------- shared with the warmup recipe
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_state_saved(tmp_path, tiny_bitft):
     from bitft.train.resume import is_complete
 
@@ -256,6 +263,7 @@ def test_nan_loss_stops_with_state_saved(tmp_path, tiny_bitft):
     assert step > 1 and is_complete(tmp_path / "run" / f"checkpoint-{step - 1}")
 
 
+@pytest.mark.slow
 def test_wandb_offline(tmp_path, tiny_bitft):
     pytest.importorskip("wandb")
     config = sft_config(tmp_path, tiny_bitft, report_to="wandb", max_steps=2, save_steps=2, eval_size=0)

@@ -107,6 +107,7 @@ def reference(tmp_path_factory, tiny_llama_folder):
     return config, tmp / "run", r
 
 
+@pytest.mark.slow
 def test_reference_run_logs_expected_losses_lambda_and_tokens(reference):
     config, run, r = reference
     logs = train_logs(run)
@@ -139,6 +140,7 @@ def test_reference_run_logs_expected_losses_lambda_and_tokens(reference):
     assert bitft.get_lambda(model) == 1.0 and model.config.bitft["lambda"] == 1.0
 
 
+@pytest.mark.slow
 def test_kill_9_and_relaunch_reproduces_the_losses(reference, tmp_path, tiny_llama_folder):
     config = tiny_config(tmp_path, tiny_llama_folder)
     run = tmp_path / "run"
@@ -161,6 +163,7 @@ def test_kill_9_and_relaunch_reproduces_the_losses(reference, tmp_path, tiny_lla
     assert_same_losses(run, reference[1])
 
 
+@pytest.mark.slow
 def test_a_half_written_checkpoint_is_never_picked(reference, tmp_path):
     config, ref_run, _ = reference
     run = tmp_path / "run"
@@ -178,6 +181,7 @@ def test_a_half_written_checkpoint_is_never_picked(reference, tmp_path):
     assert_same_losses(run, ref_run)
 
 
+@pytest.mark.slow
 def test_checkpoint_discovery(tmp_path):
     assert newest_checkpoint(tmp_path / "nothing") is None
     for step in (2, 10, 4):
@@ -193,6 +197,7 @@ def test_checkpoint_discovery(tmp_path):
     assert newest_checkpoint(tmp_path).name == "checkpoint-4"
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_state_saved(tmp_path, tiny_llama_folder):
     config = tiny_config(tmp_path, tiny_llama_folder, learning_rate=1e30, lr_scheduler_type="constant",
                          save_steps=1000, eval_blocks=0)
@@ -208,6 +213,7 @@ def test_nan_loss_stops_with_state_saved(tmp_path, tiny_llama_folder):
     assert all(t.isfinite().all() for t in load_file(saved / "model.safetensors").values())
 
 
+@pytest.mark.slow
 def test_two_processes_ddp_gloo(reference, tmp_path, tiny_llama_folder):
     """2 processes × micro-batch 1 = the reference's micro-batch 2: the same losses."""
     config = tiny_config(tmp_path, tiny_llama_folder, per_device_train_batch_size=1)
@@ -218,6 +224,7 @@ def test_two_processes_ddp_gloo(reference, tmp_path, tiny_llama_folder):
     assert_same_losses(tmp_path / "run", reference[1], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_two_cpu_processes(reference, tmp_path, tiny_llama_folder):
     """ZeRO-2 on CPU: accelerate's DeepSpeed state needs --ddp_backend gloo to count both processes."""
     pytest.importorskip("deepspeed")
@@ -270,6 +277,7 @@ def test_shipped_configs_parse(path):
         assert d.dataset == ["HuggingFaceFW/fineweb-edu"] and d.dataset_config == "sample-10BT"
 
 
+@pytest.mark.slow
 def test_bad_config_exits_2_with_one_line(tmp_path, tiny_llama_folder):
     config = tiny_config(tmp_path, tiny_llama_folder, not_a_key=1)
     r = subprocess.run([sys.executable, str(RECIPE), "--config", str(config)], cwd=REPO, env=env(),
@@ -277,6 +285,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path, tiny_llama_folder):
     assert r.returncode == 2 and "unknown key(s): not_a_key" in r.stderr
 
 
+@pytest.mark.slow
 def test_wandb_offline(tmp_path, tiny_llama_folder):
     pytest.importorskip("wandb")
     config = tiny_config(tmp_path, tiny_llama_folder, report_to="wandb", max_steps=3, save_steps=3, eval_blocks=0)

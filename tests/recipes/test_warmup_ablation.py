@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains three variants through accelerate launch
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "warmup_ablation.py"
 

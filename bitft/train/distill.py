@@ -1,0 +1,243 @@
+"""Distillation from the full-precision teacher (BitDistill, arXiv 2510.13998), for the warmup and SFT recipes.
+
+The training loss of a distilled run, per token t that the cross-entropy counts (labels ≠ -100):
+
+    L = (1 − α) · CE  +  α · τ² · KL(softmax(z_T/τ) ‖ softmax(z_S/τ))  +  w · L_attn
+
+z_T / z_S: the teacher's / student's next-token logits (α = `distill_alpha`, τ =
+`distill_temperature`, w = `attention_distill_weight`). The teacher's logits are computed from its
+last hidden state one chunk of positions at a time (`distill_chunk_size`), and each chunk's KL is
+recomputed in the backward pass (activation checkpointing), so a 128k vocabulary never holds more
+than one extra logits chunk.
+
+L_attn is MiniLM-v2's multi-head self-attention relation distillation at one layer (default the
+last): for X in {Q, K, V} (the layer's q/k/v projection outputs, captured by forward hooks, so any
+attention implementation works), split into R relation heads (R = the model's key-value heads),
+
+    A_X = softmax(X_r · X_rᵀ / √d_r)   over the positions of a row (padding masked),
+    L_attn = mean over X, heads and valid rows of KL(A_X^T ‖ A_X^S).
+
+α = 0 and w = 0 is the plain cross-entropy recipe, computed by the same code path as before. The
+teacher is frozen (eval mode, no gradients, plain nn.Linear layers: no BitLinear, no SubLN), not
+seen by the optimizer, and evaluation never distills: held-out figures stay the λ=1 cross-entropy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from bitft.bitlinear import BitLinear
+from bitft.errors import ConfigError
+
+logger = logging.getLogger("bitft")
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of MODEL in which every BitLinear is the nn.Linear it was converted from
+    (same weight and bias values, no SubLN norm): the full-precision model, whatever its λ."""
+    teacher = copy.deepcopy(model)
+    for name, module in list(teacher.named_modules()):
+        if isinstance(module, BitLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device="meta", dtype=module.weight.dtype)
+            linear.weight, linear.bias = module.weight, module.bias
+            parent, _, child = name.rpartition(".")
+            setattr(teacher.get_submodule(parent) if parent else teacher, child, linear)
+    for attr in ("bitft", "quantization_config"):
+        if hasattr(teacher.config, attr):
+            delattr(teacher.config, attr)
+    teacher.hf_quantizer = None
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def build_teacher(student: nn.Module, student_tokenizer, name_or_path: str | None = None, dtype=None) -> nn.Module:
+    """The teacher: NAME_OR_PATH (any reference bitft.sources takes, same tokenizer as the student),
+    or by default the student as loaded, in full precision (its λ=0 weights)."""
+    if name_or_path:
+        from bitft.sources import load_model, load_tokenizer
+
+        tokenizer = load_tokenizer(name_or_path)  # checked before any weight is loaded
+        if tokenizer is None or tokenizer.get_vocab() != student_tokenizer.get_vocab():
+            raise ConfigError(f"teacher_name_or_path {name_or_path} does not share the student's tokenizer "
+                              "(its vocabulary differs): distillation compares next-token distributions, so "
+                              "choose a teacher of the same model family, or leave it unset (the model the run starts from)")
+        teacher = plain_copy(load_model(name_or_path, dtype=dtype or next(student.parameters()).dtype).model)
+    else:
+        teacher = plain_copy(student)
+    if dtype is not None:
+        teacher.to(dtype)
+    return teacher
+
+
+# ----------------------------------------------------------------------------- the losses
+
+def _kd_chunk(student_logits, teacher_hidden, head_weight, head_bias, mask, temperature: float):
+    teacher_logits = F.linear(teacher_hidden, head_weight, head_bias).float()
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return (kl * mask).sum()
+
+
+def kd_loss_sum(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, lm_head: nn.Linear, mask: torch.Tensor,
+                temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+    """τ² · Σ over masked positions of KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), teacher logits = lm_head(hidden).
+
+    [B, T, V] student logits, [B, T, H] teacher hidden states, [B, T] mask. Each row is cut into
+    chunks of CHUNK_SIZE positions (views, no copy); a chunk's teacher logits and softmaxes exist only
+    while it is computed, and again in the backward pass."""
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for b in range(student_logits.shape[0]):
+        for i in range(0, student_logits.shape[1], chunk_size):
+            m = mask[b, i:i + chunk_size].float()
+            if not m.any():
+                continue
+            part = (student_logits[b, i:i + chunk_size], teacher_hidden[b, i:i + chunk_size], lm_head.weight,
+                    lm_head.bias, m, temperature)
+            total = total + (checkpoint(_kd_chunk, *part, use_reentrant=False) if student_logits.requires_grad
+                             else _kd_chunk(*part))
+    return total * temperature ** 2
+
+
+def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over heads and valid rows of KL(softmax(X_T X_Tᵀ/√d) ‖ softmax(X_S X_Sᵀ/√d)), X: [B, T, D]."""
+    def relations(x):
+        b, t, d = x.shape
+        x = x.float().view(b, t, heads, d // heads).transpose(1, 2)  # [B, R, T, d_r]
+        scores = x @ x.transpose(-1, -2) / math.sqrt(d // heads)
+        return F.log_softmax(scores.masked_fill(~mask[:, None, None, :], -1e9), dim=-1)  # padding: weight 0
+
+    log_t, log_s = relations(teacher), relations(student)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [B, R, T]
+    rows = mask[:, None, :].expand_as(kl)
+    return kl[rows].mean()
+
+
+class ProjectionCapture:
+    """Forward hooks that keep the outputs of a decoder layer's q/k/v projections for one forward."""
+
+    NAMES = ("q_proj", "k_proj", "v_proj")
+
+    def __init__(self, model: nn.Module, layer: int):
+        layers = _decoder_layers(model)
+        try:
+            attn = layers[layer].self_attn
+        except IndexError:
+            raise ConfigError(f"attention_distill_layer={layer}: the model has {len(layers)} decoder layers") from None
+        self.outputs: dict[str, torch.Tensor] = {}
+        missing = [n for n in self.NAMES if not hasattr(attn, n)]
+        if missing:
+            raise ConfigError(f"attention distillation needs q_proj/k_proj/v_proj in the attention block; "
+                              f"{type(attn).__name__} has no {', '.join(missing)}")
+        self.handles = [getattr(attn, n).register_forward_hook(self._keep(n)) for n in self.NAMES]
+
+    def _keep(self, name):
+        def hook(module, args, output):
+            self.outputs[name] = output
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        out = [self.outputs.pop(n) for n in self.NAMES]
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layers (a peft wrapper or a CausalLM around it: the first `layers` ModuleList)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "layers", None), nn.ModuleList):
+            return module.layers
+    raise ConfigError(f"attention distillation cannot find the decoder layers of {type(model).__name__}")
+
+
+# ----------------------------------------------------------------------------- the trainer side
+
+class DistillMixin:
+    """Mix into a Trainer class before it: `class T(DistillMixin, BitftTrainerMixin, Trainer)`.
+
+    `setup_distillation(teacher, args)` turns it on; without it (or with α = 0 and w = 0) the loss is
+    the base class's. The CE, KD and attention terms are logged separately (`ce_loss`, `kd_loss`,
+    `attention_loss`), averaged over the optimizer steps since the previous log."""
+
+    teacher: nn.Module | None = None
+    distill_alpha: float = 0.0
+    distill_temperature: float = 1.0
+    attention_weight: float = 0.0
+    distill_chunk_size: int = 1024
+
+    def setup_distillation(self, teacher: nn.Module, args) -> None:
+        self.teacher = teacher.to(self.accelerator.device)
+        self.distill_alpha, self.distill_temperature = args.distill_alpha, args.distill_temperature
+        self.attention_weight, self.distill_chunk_size = args.attention_distill_weight, args.distill_chunk_size
+        self._distill_sums: dict[str, float] = {}
+        self._distill_count = 0
+        if self.attention_weight:
+            student = self.accelerator.unwrap_model(self.model)
+            self._capture = (ProjectionCapture(student, args.attention_distill_layer),
+                             ProjectionCapture(self.teacher, args.attention_distill_layer))
+            self._relation_heads = student.config.num_key_value_heads or student.config.num_attention_heads
+
+    @property
+    def distilling(self) -> bool:
+        return self.teacher is not None and (self.distill_alpha > 0 or self.attention_weight > 0)
+
+    def _scale(self, num_items_in_batch, n_local) -> tuple[float, float]:
+        """(factor on a per-token sum that normalizes it like the Trainer's CE, share of an optimizer step's
+        value in this micro-batch's term); the Trainer's own rule is in Trainer.training_step."""
+        if self.loss_is_scaled_for_ga is False or num_items_in_batch is None or not self.model_accepts_loss_kwargs:
+            return 1.0 / max(n_local, 1), 1.0 / self.current_gradient_accumulation_steps  # a per-batch mean
+        world = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return world / float(num_items_in_batch), 1.0  # already a share of the step's normalization
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (self.distilling and model.training):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        labels = inputs["labels"]
+        mask = labels[:, 1:] != -100  # the tokens the cross-entropy counts (SFT: the completions)
+        attention_mask = inputs.get("attention_mask")
+        with torch.no_grad():
+            teacher_kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+            hidden = self.teacher.base_model(**teacher_kwargs).last_hidden_state
+        scale, share = self._scale(num_items_in_batch, int(mask.sum()))
+        loss = ce * (1 - self.distill_alpha)
+        terms = {"ce_loss": ce.detach().float()}
+        if self.distill_alpha > 0:
+            kd_sum = kd_loss_sum(outputs.logits[:, :-1], hidden[:, :-1], self.teacher.get_output_embeddings(), mask,
+                                 self.distill_temperature, self.distill_chunk_size)
+            kd = kd_sum * scale
+            loss = loss + self.distill_alpha * kd
+            terms["kd_loss"] = kd.detach()
+        if self.attention_weight > 0:
+            rows = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
+            s_qkv, t_qkv = self._capture[0].take(), self._capture[1].take()
+            attn = sum(relation_kl(s, t, self._relation_heads, rows) for s, t in zip(s_qkv, t_qkv)) / 3
+            attn = attn * int(mask.sum()) * scale  # token-weighted like the other terms
+            loss = loss + self.attention_weight * attn
+            terms["attention_loss"] = attn.detach()
+        for k, v in terms.items():
+            self._distill_sums[k] = self._distill_sums.get(k, 0.0) + float(v) * share
+        self._distill_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self.distilling and self._distill_count:
+            # each micro-batch adds its share of its optimizer step's value: average over the steps since the last log
+            steps = max(self._distill_count / self.args.gradient_accumulation_steps, 1e-9)
+            for k, v in self._distill_sums.items():
+                logs[k] = round(v / steps, 4)
+            self._distill_sums, self._distill_count = {}, 0
+        return super().log(logs, start_time)

@@ -1,0 +1,82 @@
+"""Distillation inside the warmup and SFT recipes, on tiny models: α = 0 is today's recipe, the teacher
+never changes, the terms are logged, a teacher with another tokenizer is refused, and evaluation stays
+the λ=1 cross-entropy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bitft.errors import ConfigError
+from recipes import sft, warmup_10B
+from test_sft import sft_config, tiny_bitft  # noqa: F401 (fixture)
+from test_warmup import EXPECTED, MAX_STEPS, launch, tiny_config, train_logs
+
+DISTILL = dict(distill_alpha=0.5, distill_temperature=2.0, attention_distill_weight=1.0, distill_chunk_size=7)
+
+
+@pytest.mark.slow
+def test_alpha_0_reproduces_the_expected_losses(tmp_path, tiny_llama_folder):
+    config = tiny_config(tmp_path, tiny_llama_folder, distill_alpha=0.0, attention_distill_weight=0.0,
+                         distill_temperature=3.0)
+    launch(config)
+    expected = json.loads(EXPECTED.read_text())["losses"]
+    got = {str(s): round(h["loss"], 6) for s, h in sorted(train_logs(tmp_path / "run").items())}
+    assert got == expected  # the very numbers of the plain recipe
+    assert "kd_loss" not in train_logs(tmp_path / "run")[1]
+
+
+def capture_teacher(monkeypatch, module):
+    seen = {}
+    real = module.build_teacher
+
+    def build(*args, **kwargs):
+        seen["teacher"] = real(*args, **kwargs)
+        seen["before"] = {k: v.clone() for k, v in seen["teacher"].state_dict().items()}
+        return seen["teacher"]
+
+    monkeypatch.setattr(module, "build_teacher", build)
+    return seen
+
+
+def test_warmup_distills_without_touching_the_teacher(tmp_path, tiny_llama_folder, monkeypatch):
+    seen = capture_teacher(monkeypatch, warmup_10B)
+    config = tiny_config(tmp_path, tiny_llama_folder, max_steps=4, save_steps=100, **DISTILL)
+    results = warmup_10B.main(["--config", str(config)])
+    teacher = seen["teacher"]
+    assert all(torch.equal(v, seen["before"][k]) for k, v in teacher.state_dict().items())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    logs = train_logs(tmp_path / "run")
+    assert len(logs) == 4 and all({"ce_loss", "kd_loss", "attention_loss", "tokens_per_second"} <= set(h) for h in logs.values())
+    for h in logs.values():  # the logged loss is the weighted sum of its logged terms
+        assert h["loss"] == pytest.approx(0.5 * h["ce_loss"] + 0.5 * h["kd_loss"] + h["attention_loss"], abs=2e-4)
+    assert logs[4]["kd_loss"] > 0 and logs[4]["attention_loss"] > 0  # λ = 0.5 at step 4: the student differs
+    # held-out figures stay the λ=1 cross-entropy: the same before the first step as the plain recipe's
+    assert results["before"]["eval_lambda"] == 1.0 and results["distill"]["alpha"] == 0.5
+    (tmp_path / "plain").mkdir()
+    ref = warmup_10B.main(["--config", str(tiny_config(tmp_path / "plain", tiny_llama_folder, max_steps=1, save_steps=100))])
+    assert results["before"]["eval_loss"] == ref["before"]["eval_loss"]
+
+
+def test_sft_distills_on_completion_tokens(tmp_path, tiny_bitft, monkeypatch):
+    seen = capture_teacher(monkeypatch, sft)
+    config = sft_config(tmp_path, tiny_bitft, max_steps=3, save_steps=100, **DISTILL)
+    sft.main(["--config", str(config)])
+    teacher = seen["teacher"]
+    assert all(torch.equal(v, seen["before"][k]) for k, v in teacher.state_dict().items())
+    logs = train_logs(tmp_path / "run")
+    assert logs and all({"ce_loss", "kd_loss", "attention_loss"} <= set(h) for h in logs.values())
+
+
+def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_llama_folder, smollm2_gguf):
+    config = tiny_config(tmp_path, tiny_llama_folder, teacher_name_or_path=str(smollm2_gguf), distill_alpha=0.5)
+    with pytest.raises(ConfigError, match="does not share the student's tokenizer"):
+        warmup_10B.main(["--config", str(config)])
+
+
+def test_distill_keys_are_checked(tmp_path, tiny_llama_folder):
+    config = tiny_config(tmp_path, tiny_llama_folder, distill_alpha=1.5)
+    with pytest.raises(ConfigError, match=r"distill_alpha must be in \[0, 1\]"):
+        warmup_10B.main(["--config", str(config)])

@@ -1,0 +1,77 @@
+"""Distillation losses and the teacher (bitft.train.distill) on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bitft
+from bitft.bitlinear import BitLinear
+from bitft.train.distill import ProjectionCapture, kd_loss_sum, plain_copy, relation_kl
+from helpers import tiny_model
+
+
+def direct_kd(student_logits, teacher_logits, mask, tau):
+    """τ² Σ_masked KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), in one piece."""
+    p_t = F.softmax(teacher_logits / tau, -1)
+    kl = (p_t * (F.log_softmax(teacher_logits / tau, -1) - F.log_softmax(student_logits / tau, -1))).sum(-1)
+    return (kl * mask).sum() * tau ** 2
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_chunked_kd_equals_the_direct_formula_value_and_gradient(chunk, tau):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40)
+    hidden = torch.randn(2, 9, 16)
+    logits = torch.randn(2, 9, 40, requires_grad=True)
+    mask = torch.rand(2, 9) > 0.3
+    got = kd_loss_sum(logits, hidden, head, mask, tau, chunk)
+    (g_got,) = torch.autograd.grad(got, logits)
+    want = direct_kd(logits, head(hidden), mask.float(), tau)
+    (g_want,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+    assert g_got[~mask].abs().max() == 0  # positions the CE does not count get no KD gradient
+
+
+@pytest.mark.parametrize("subln", [False, True])
+def test_teacher_is_the_original_model_in_full_precision_and_frozen(subln):
+    original = tiny_model("llama", seed=3)
+    ids = torch.randint(0, 128, (2, 12))
+    want = original(ids).logits
+    student = bitft.convert_model(tiny_model("llama", seed=3), lam=1.0, subln=subln)
+    teacher = plain_copy(student)
+    assert not any(isinstance(m, BitLinear) for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(teacher.parameters(), student.parameters()))
+    assert torch.equal(teacher(ids).logits, want)  # bit for bit, whatever the student's λ and SubLN
+
+
+def test_kd_and_attention_losses_are_zero_for_the_same_model_at_lambda_0():
+    student = bitft.convert_model(tiny_model("llama", seed=1), lam=0.0)
+    teacher = plain_copy(student)
+    ids = torch.randint(0, 128, (2, 10))
+    caps = ProjectionCapture(student, -1), ProjectionCapture(teacher, -1)
+    logits = student(ids).logits
+    hidden = teacher.base_model(ids).last_hidden_state
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    # 0 up to float summation order (the chunked teacher logits are a matmul of fewer rows)
+    assert abs(kd_loss_sum(logits, hidden, teacher.lm_head, mask, 2.0, 4).item()) < 1e-6
+    heads = student.config.num_key_value_heads
+    for s, t in zip(caps[0].take(), caps[1].take()):
+        assert relation_kl(s, t, heads, mask).abs().item() < 1e-6
+    # and positive once the student is ternary
+    bitft.set_lambda(student, 1.0)
+    assert kd_loss_sum(student(ids).logits, hidden, teacher.lm_head, mask).item() > 1e-4
+
+
+def test_relation_kl_ignores_padding():
+    torch.manual_seed(0)
+    s, t = torch.randn(1, 6, 8), torch.randn(1, 6, 8)
+    mask = torch.tensor([[True] * 4 + [False] * 2])
+    noisy_s, noisy_t = s.clone(), t.clone()
+    noisy_s[:, 4:], noisy_t[:, 4:] = 100.0, -100.0  # what the padded positions hold must not matter
+    torch.testing.assert_close(relation_kl(s, t, 2, mask), relation_kl(noisy_s, noisy_t, 2, mask))
+    torch.testing.assert_close(relation_kl(s, t, 2, mask), relation_kl(s[:, :4], t[:, :4], 2, mask[:, :4]))
