@@ -19,6 +19,7 @@ examples); the original full-precision model gets the same, as the bar to aim at
 
 Writes OUT/warmup_ablation.{png,md,json}. A variant whose run finished is not rerun (delete its
 folder to redo it), so a second call only redraws. Run time on the 2-core CPU: see the README.
+The machinery (train, evaluate, curves, plot, table) also serves scripts/distill_ablation.py.
 """
 
 from __future__ import annotations
@@ -60,11 +61,12 @@ def write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def train(variant: str, a, extra: list[str], out: Path, env: dict) -> None:
-    """One recipe run into OUT/VARIANT, unless it already finished with the same settings."""
+def train(variant: str, flags: list[str], a, extra: list[str], out: Path, env: dict) -> None:
+    """One recipe run (the variant's FLAGS, then EXTRA) into OUT/VARIANT, unless it already finished with the
+    same settings."""
     d = out / variant
-    settings = {"model": a.model, "config": a.config, "steps": a.steps, "warmup_steps": a.warmup_steps, "k": a.k,
-                "eval_steps": a.eval_steps, "extra": extra}
+    settings = {"model": a.model, "config": a.config, "steps": a.steps, "eval_steps": a.eval_steps,
+                "flags": flags, "extra": extra}
     done = d / "ablation_settings.json"
     if (d / "warmup_results.json").is_file() and done.is_file() and json.loads(done.read_text()).get("settings") == settings:
         print(f"{variant}: finished earlier, kept", flush=True)
@@ -75,8 +77,7 @@ def train(variant: str, a, extra: list[str], out: Path, env: dict) -> None:
            str(a.threads), "recipes/warmup_10B.py", "--config", a.config, "--model_name_or_path", a.model,
            "--output_dir", str(d), "--max_steps", str(a.steps), "--eval_strategy", "steps",
            "--eval_steps", str(a.eval_steps), "--logging_steps", str(max(1, a.eval_steps // 2)),
-           "--save_steps", str(a.steps), "--save_total_limit", "1", "--disable_tqdm", "true",
-           *schedule_flags(variant, a.warmup_steps, a.k), *extra]
+           "--save_steps", str(a.steps), "--save_total_limit", "1", "--disable_tqdm", "true", *flags, *extra]
     t0 = time.perf_counter()
     run(cmd, env, d / "train.out", d / "train.log")
     seconds = time.perf_counter() - t0
@@ -102,17 +103,20 @@ def evaluate(name: str, model: str, a, out: Path, env: dict, extra: list[str] = 
 
 
 def curves(d: Path) -> dict:
-    """Training loss (at the run's λ), λ and held-out λ=1 perplexity against tokens, from trainer_state.json."""
+    """Training cross-entropy (at the run's λ; a distilled run's CE term), λ and held-out λ=1 perplexity against
+    tokens, from trainer_state.json."""
     results = json.loads((d / "warmup_results.json").read_text())
     tps = results["tokens_per_step"]
     hist = json.loads((d / "trainer_state.json").read_text())["log_history"]
-    train_ = [(h["step"] * tps, h["loss"], h.get("lambda")) for h in hist if "loss" in h and "eval_loss" not in h]
+    train_ = [(h["step"] * tps, h.get("ce_loss", h["loss"]), h.get("lambda")) for h in hist
+              if "loss" in h and "eval_loss" not in h]
     evals = {}
     for h in hist:
         if "eval_loss" in h:
             evals[h["step"] * tps] = h["eval_perplexity"]
     return {"tokens_per_step": tps, "steps": results["steps"], "tokens": results["tokens"],
-            "train_minutes": results["train_minutes"], "train": train_, "eval": sorted(evals.items())}
+            "train_minutes": results["train_minutes"], "tokens_per_second": round(results["tokens"] / (60 * max(results["train_minutes"], 0.01)), 1),
+            "train": train_, "eval": sorted(evals.items())}
 
 
 def plot(runs: dict, path: Path) -> None:
@@ -128,7 +132,7 @@ def plot(runs: dict, path: Path) -> None:
         axes[1].plot(tok, [loss for _, loss, _ in c["train"]], label=name)
         axes[2].plot([t for t, _ in c["eval"]], [p for _, p in c["eval"]], marker="o", ms=3, label=name)
     axes[0].set(title="λ during training", xlabel="tokens", ylabel="λ (0 = full precision, 1 = ternary)")
-    axes[1].set(title="training loss (at the run's own λ)", xlabel="tokens", ylabel="cross-entropy")
+    axes[1].set(title="training cross-entropy (at the run's own λ)", xlabel="tokens", ylabel="cross-entropy")
     axes[2].set(title="held-out perplexity of the ternary model (λ = 1)", xlabel="tokens", ylabel="perplexity",
                 yscale="log")
     for ax in axes:
@@ -141,26 +145,27 @@ def plot(runs: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def table(runs: dict, evals: dict, a, machine: str) -> str:
+def table(runs: dict, evals: dict, a, machine: str, mid_step: int, mid_note: str) -> str:
+    """The markdown tables: held-out λ=1 perplexity at the start, at MID_STEP and at the end, minutes and
+    tokens/s of each run; the final checkpoints' `bitft eval` row in the seeds' format; the curves."""
     from bitft.tasks import seed_row, seed_table
 
     def fmt(x):
         return "–" if x is None else (f"{x:,.0f}" if x >= 1000 else f"{x:.1f}")
 
-    lines = [f"| variant | tokens | held-out λ=1 ppl: start | at W = {a.warmup_steps} steps | end | train min |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| variant | tokens | held-out λ=1 ppl: start | at step {mid_step} | end | train min | tokens/s |",
+             "|---|---|---|---|---|---|---|"]
     for name, c in runs.items():
         ev = dict(c["eval"])
         lines.append(f"| {name} | {c['tokens']:,} | {fmt(c['eval'][0][1])} | "
-                     f"{fmt(ev.get(a.warmup_steps * c['tokens_per_step']))} | {fmt(c['eval'][-1][1])} | "
-                     f"{c['train_minutes']:.1f} |")
+                     f"{fmt(ev.get(mid_step * c['tokens_per_step']))} | {fmt(c['eval'][-1][1])} | "
+                     f"{c['train_minutes']:.1f} | {c['tokens_per_second']:.0f} |")
     labels = {"original": "original (full precision, untrained)"}
     rows = {labels.get(n, n): seed_row(r["perplexity"]["ppl"], r["tasks"]) for n, r in evals.items()}
     n = next(iter(evals.values()))["tasks"][a.tasks[0]]["n"]
     lines += [
         "",
-        f"Held-out perplexity: λ = 1, on the recipe's held-out blocks ({a.config}); W = the step where linear "
-        f"and sigmoid reach λ = 1. Final checkpoints (`bitft eval`): PPL = WikiText-2, {a.ppl_windows} × "
+        f"Held-out perplexity: λ = 1, on the recipe's held-out blocks ({a.config}); {mid_note}. Final checkpoints (`bitft eval`): PPL = WikiText-2, {a.ppl_windows} × "
         f"{a.ppl_seqlen} tokens; tasks: first {n} examples, acc in % (the seeds' table), one standard error "
         f"≈ ±{50 / math.sqrt(n):.1f} points at 50%. Machine: {machine}.",
         "",
@@ -217,7 +222,7 @@ def main():
     t0 = time.perf_counter()
 
     for v in a.variants:
-        train(v, a, extra, out, env)
+        train(v, schedule_flags(v, a.warmup_steps, a.k), a, extra, out, env)
     evals = {}
     if not a.no_original:
         from bitft.sources import resolve_source
@@ -230,7 +235,7 @@ def main():
     if len({c["tokens"] for c in runs.values()}) != 1:
         sys.exit(f"the variants saw different numbers of tokens: { {v: c['tokens'] for v, c in runs.items()} }")
     plot(runs, out / "warmup_ablation.png")
-    md = table(runs, evals, a, machine())
+    md = table(runs, evals, a, machine(), a.warmup_steps, f"step {a.warmup_steps} = W, where linear and sigmoid reach λ = 1")
     write(out / "warmup_ablation.md", md)
     write(out / "warmup_ablation.json", json.dumps({"settings": vars(a) | {"extra": extra}, "curves": runs,
                                                     "evals": evals}, indent=1))

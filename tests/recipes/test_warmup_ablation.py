@@ -56,3 +56,26 @@ def test_ablation_script_on_a_tiny_model(tiny_llama_folder, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("finished earlier, kept") == 3
     assert {v: (out / v / "train.log").stat().st_mtime for v in curves} == logs
+
+
+def test_distill_ablation_script_on_a_tiny_model(tiny_llama_folder, tmp_path):
+    """scripts/distill_ablation.py reuses the machinery: equal tokens, the CE curve of every variant,
+    the distillation terms only where asked for, one table."""
+    out = tmp_path / "distill"
+    cmd = [sys.executable, str(REPO / "scripts" / "distill_ablation.py"), "--model", str(tiny_llama_folder),
+           "--out", str(out), "--variants", "ce", "kd_attn", "--steps", "4", "--eval-steps", "2", "--tasks", "piqa",
+           "--limit", "4", "--ppl-windows", "1", "--ppl-seqlen", "64", "--threads", "1",
+           "--block_size", "32", "--eval_blocks", "4", "--per_device_train_batch_size", "2",
+           "--per_device_eval_batch_size", "4", "--learning_rate", "1e-3", "--lambda_warmup_steps", "2"]
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads((out / "distill_ablation.json").read_text())
+    assert list(result["curves"]) == ["ce", "kd_attn"]
+    assert {c["tokens"] for c in result["curves"].values()} == {4 * 32 * 2}
+    assert result["curves"]["ce"]["eval"][0] == result["curves"]["kd_attn"]["eval"][0]  # the same start
+    logs = {v: json.loads((out / v / "trainer_state.json").read_text())["log_history"] for v in ("ce", "kd_attn")}
+    assert not any("kd_loss" in h for h in logs["ce"]) and any("attention_loss" in h for h in logs["kd_attn"])
+    table = (out / "distill_ablation.md").read_text()
+    assert "| ce | 256 |" in table and "| kd_attn | 256 |" in table and "tokens/s" in table
+    assert (out / "distill_ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
