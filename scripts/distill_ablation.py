@@ -55,6 +55,7 @@ def main():
     p.add_argument("--ppl-seqlen", type=int, default=2048, help="tokens per WikiText-2 window")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default="runs/distill-ablation")
+    p.add_argument("--train-only", action="store_true", help="train the variants, evaluate and tabulate later")
     a, extra = p.parse_known_args()
     os.chdir(REPO)
     out = Path(a.out)
@@ -65,6 +66,8 @@ def main():
 
     for v in a.variants:
         train(v, variant_flags(v, a), a, extra, out, env)
+    if a.train_only:
+        return
     evals = {v: evaluate(v, str(out / v), a, out, env) for v in a.variants}
     runs = {v: curves(out / v) for v in a.variants}
     if len({c["tokens"] for c in runs.values()}) != 1:
