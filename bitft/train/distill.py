@@ -31,7 +31,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from bitft.bitlinear import BitLinear
 from bitft.errors import ConfigError
@@ -63,6 +62,12 @@ def plain_copy(model: nn.Module) -> nn.Module:
 def build_teacher(student: nn.Module, student_tokenizer, name_or_path: str | None = None, dtype=None) -> nn.Module:
     """The teacher: NAME_OR_PATH (any reference bitft.sources takes, same tokenizer as the student),
     or by default the student as loaded, in full precision (its λ=0 weights)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # the weights load partitioned: a copy would be empty, a gathered one per GPU whole
+        raise ConfigError("distillation under DeepSpeed ZeRO-3 is not supported yet (the teacher is not partitioned): "
+                          "use ZeRO-2 or DDP (configs/accelerate/zero2.yaml), or set distill_alpha and "
+                          "attention_distill_weight to 0")
     if name_or_path:
         from bitft.sources import load_model, load_tokenizer
 
@@ -81,12 +86,45 @@ def build_teacher(student: nn.Module, student_tokenizer, name_or_path: str | Non
 
 # ----------------------------------------------------------------------------- the losses
 
-def _kd_chunk(student_logits, teacher_hidden, head_weight, head_bias, mask, temperature: float):
-    teacher_logits = F.linear(teacher_hidden, head_weight, head_bias).float()
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    return (kl * mask).sum()
+def _chunks(mask: torch.Tensor, chunk_size: int):
+    """(row, start) of every chunk of CHUNK_SIZE positions that holds a masked position."""
+    for b in range(mask.shape[0]):
+        for i in range(0, mask.shape[1], chunk_size):
+            if mask[b, i:i + chunk_size].any():
+                yield b, i
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """τ² Σ KL(p_T ‖ p_S) one chunk at a time; the backward recomputes each chunk's softmaxes and writes
+    ∂/∂z_S = τ · (p_S − p_T) (masked), so no chunk's intermediates outlive it."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_hidden, weight, bias, mask, temperature, chunk_size):
+        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        for b, i in _chunks(mask, chunk_size):
+            log_p_t, log_p_s = _log_probs(student_logits, teacher_hidden, weight, bias, temperature, b, i, chunk_size)
+            kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+            total += (kl * mask[b, i:i + chunk_size]).sum()
+        ctx.save_for_backward(student_logits, teacher_hidden, weight, mask, *([] if bias is None else [bias]))
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return total * temperature ** 2
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student_logits, teacher_hidden, weight, mask, *bias = ctx.saved_tensors
+        bias = bias[0] if bias else None
+        tau, size = ctx.temperature, ctx.chunk_size
+        grad = torch.zeros_like(student_logits)
+        for b, i in _chunks(mask, size):
+            log_p_t, log_p_s = _log_probs(student_logits, teacher_hidden, weight, bias, tau, b, i, size)
+            g = (log_p_s.exp() - log_p_t.exp()) * (tau * mask[b, i:i + size, None] * grad_out)
+            grad[b, i:i + size] = g.to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+def _log_probs(student_logits, teacher_hidden, weight, bias, tau, b, i, size):
+    z_t = F.linear(teacher_hidden[b, i:i + size], weight, bias).float()
+    return F.log_softmax(z_t / tau, dim=-1), F.log_softmax(student_logits[b, i:i + size].float() / tau, dim=-1)
 
 
 def kd_loss_sum(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, lm_head: nn.Linear, mask: torch.Tensor,
@@ -94,19 +132,11 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, lm_h
     """τ² · Σ over masked positions of KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), teacher logits = lm_head(hidden).
 
     [B, T, V] student logits, [B, T, H] teacher hidden states, [B, T] mask. Each row is cut into
-    chunks of CHUNK_SIZE positions (views, no copy); a chunk's teacher logits and softmaxes exist only
-    while it is computed, and again in the backward pass."""
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    for b in range(student_logits.shape[0]):
-        for i in range(0, student_logits.shape[1], chunk_size):
-            m = mask[b, i:i + chunk_size].float()
-            if not m.any():
-                continue
-            part = (student_logits[b, i:i + chunk_size], teacher_hidden[b, i:i + chunk_size], lm_head.weight,
-                    lm_head.bias, m, temperature)
-            total = total + (checkpoint(_kd_chunk, *part, use_reentrant=False) if student_logits.requires_grad
-                             else _kd_chunk(*part))
-    return total * temperature ** 2
+    chunks of CHUNK_SIZE positions; a chunk's teacher logits and softmaxes exist only while it is
+    computed, in the forward and again in the backward pass (which needs no autograd graph)."""
+    return _ChunkedKD.apply(student_logits, teacher_hidden.detach(), lm_head.weight.detach(),
+                            None if lm_head.bias is None else lm_head.bias.detach(), mask.bool(),
+                            float(temperature), int(chunk_size))
 
 
 def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, mask: torch.Tensor) -> torch.Tensor:
