@@ -65,12 +65,29 @@ def _empty(slot: str, shape, dtype, device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- codes
+_TRITON: list = []
+
+
+def _triton_kernels():
+    """bitft.triton_kernels, or None without triton (imported once)."""
+    if not _TRITON:
+        try:
+            from bitft import triton_kernels
+        except ImportError:
+            triton_kernels = None
+        _TRITON.append(triton_kernels)
+    return _TRITON[0]
+
+
 def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(xc, a): int8 clamp(round(x·a), -128, 127) and a = 127 / max(max|x|, 1e-5) per token (float32 [..., 1]).
 
     The values of `bitft.quant.activation_codes`; max|x| is max(max x, -min x), exact in any dtype.
+    On CUDA with triton installed: one fused kernel (bitft.triton_kernels), the same values.
     """
     x = x.detach()
+    if x.is_cuda and _triton_kernels() is not None:
+        return _triton_kernels().activation_codes(x)
     lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
     a = ACT_QMAX / torch.maximum(hi, lo.neg()).float().clamp_(min=EPS)
     t = torch.mul(x, a, out=_empty("act", x.shape, torch.float32, x.device))
