@@ -27,18 +27,22 @@ from the cache below; no float copy of either. Below λ = 1 the input x' itself 
 nn.Linear does. Autocast: the integer product and the scales run in float32 and y is cast to the
 autocast dtype; the backward's matmuls run in that dtype (bf16 backward under bf16 autocast).
 
-Weight cache (once per optimizer step): the codes of a trainable weight are computed at its first
-grad-enabled forward and kept, keyed on the Parameter's identity, data_ptr, `_version` (bumped by
-in-place optimizer updates and load_state_dict) and a global optimizer-step counter (a torch
-optimizer step pre-hook bumps it and drops every cache, so nothing is held through the optimizer
-step, and updates that bypass `_version` -- DeepSpeed ZeRO-2 all-gathers into flat buffers, writes
-through `.data` -- are caught too). Gradient-accumulation micro-batches and activation-checkpoint
-recomputation reuse the codes. Not cached: frozen weights (LoRA bases, whose merges write
-`.data += ΔW` in place, which no counter sees), forwards under no_grad, and DeepSpeed ZeRO-3
-partitioned parameters (`ds_id`): a cache would keep every layer's gathered codes alive
-(1 byte per parameter of the full model, against ZeRO-3's 1/world_size), so they are quantized in
-the forward and again in the backward from the re-gathered weight, which is saved instead of its
-codes. Weights changed through `.data` outside an optimizer step: call `clear_weight_cache()`.
+Weight cache (once per optimizer step): the int8 codes of a trainable weight are computed at its
+first forward after a change and kept (1 byte per weight), keyed on the Parameter's identity,
+data_ptr, `_version` (bumped by in-place optimizer updates and load_state_dict) and a global
+optimizer-step counter (a torch optimizer-step pre-hook bumps it, which also catches updates that
+bypass `_version`: DeepSpeed ZeRO-2 all-gathers into flat buffers, writes through `.data`).
+Gradient-accumulation micro-batches, activation-checkpoint recomputation and evaluation between
+steps reuse the codes; the next forward after a step rewrites them in place (same buffer, so no
+allocator churn; a graph still holding the old codes then fails its backward loudly instead of
+using new codes). Not cached: frozen weights (LoRA bases: peft's merge writes `.data += ΔW` in
+place, which no counter sees; they are quantized per forward and again in the backward, so
+nothing per layer is held between them), and DeepSpeed ZeRO-3 partitioned parameters (`ds_id`):
+a cache would keep every layer's codes alive, 1 byte per parameter of the full model against
+ZeRO-3's 1/world_size share, so they are quantized in the forward and again in the backward from
+the re-gathered weight, which is saved instead of its codes (one more quantization per layer and
+micro-batch, no gathered copy held). Weights changed through `.data` outside an optimizer step:
+call `clear_weight_cache()`.
 
 The optional SubLN norm is transformers' LlamaRMSNorm under the name `rms_norm`, the name and
 math of transformers' own AutoBitLinear(use_rms_norm=True), so such checkpoints stay loadable
@@ -78,7 +82,7 @@ _CACHED: "weakref.WeakSet[BitLinear]" = weakref.WeakSet()
 
 
 def clear_weight_cache() -> None:
-    """Forget every cached weight code (the next forward re-quantizes)."""
+    """Free every cached weight code (the next forward re-quantizes into a new buffer)."""
     _STEP[0] += 1
     for m in list(_CACHED):
         m._wcache = None
@@ -86,7 +90,7 @@ def clear_weight_cache() -> None:
 
 
 def _on_optimizer_step(optimizer, args, kwargs) -> None:
-    clear_weight_cache()
+    _STEP[0] += 1  # every cached code is stale; the next forward refreshes it in place
 
 
 register_optimizer_step_pre_hook(_on_optimizer_step)
@@ -213,8 +217,11 @@ class BitLinear(nn.Linear):
         key = (id(w), w.data_ptr(), w._version, _STEP[0], w.shape, w.dtype, w.device)
         cache = getattr(self, "_wcache", None)
         if cache is None or cache[0] != key:
-            cache = (key, *weight_codes(w))
-            self._wcache = cache
+            if cache is not None and cache[1].shape == w.shape and cache[1].device == w.device:
+                codes, inv = weight_codes(w, out=cache[1])  # refresh in place: no allocator churn
+            else:
+                codes, inv = weight_codes(w)
+            cache = self._wcache = (key, codes, inv)
             _CACHED.add(self)
         return cache[1], cache[2], True
 

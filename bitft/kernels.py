@@ -94,14 +94,17 @@ def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t.round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8), a
 
 
-def weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(wc, inv): int8 clamp(round(W·inv), -1, 1), inv = 1 / max(mean|W|, 1e-5); `bitft.quant.weight_codes`'s values."""
+def weight_codes(w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(wc, inv): int8 clamp(round(W·inv), -1, 1), inv = 1 / max(mean|W|, 1e-5); `bitft.quant.weight_codes`'s values.
+
+    `out`: an int8 tensor of W's shape to write the codes into (the weight cache refreshes in place).
+    """
     w = w.detach()
     if w.dtype != torch.float32:  # (w·inv with a 0-dim float32 inv would be computed in w's dtype)
         w = _empty("w32", w.shape, torch.float32, w.device).copy_(w)
     inv = 1.0 / torch.abs(w, out=_empty("wabs", w.shape, torch.float32, w.device)).mean().clamp(min=EPS)
-    t = torch.mul(w, inv, out=_empty("wabs", w.shape, torch.float32, w.device))
-    return t.round_().clamp_(-1, 1).to(torch.int8), inv
+    t = torch.mul(w, inv, out=_empty("wabs", w.shape, torch.float32, w.device)).round_().clamp_(-1, 1)
+    return (t.to(torch.int8) if out is None else out.copy_(t)), inv
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, slot: str) -> torch.Tensor:

@@ -208,7 +208,7 @@ def test_layers_fed_the_same_input_share_one_set_of_activation_codes(monkeypatch
 def count_weight_quantizations(monkeypatch):
     calls = []
     real = bl_mod.weight_codes
-    monkeypatch.setattr(bl_mod, "weight_codes", lambda w: calls.append(w.shape) or real(w))
+    monkeypatch.setattr(bl_mod, "weight_codes", lambda w, **kw: calls.append(w.shape) or real(w, **kw))
     return calls
 
 
@@ -232,6 +232,18 @@ def test_weights_are_quantized_once_per_optimizer_step(monkeypatch):
         net(x)  # eval after the step: the new weights, cached until the next step
         net(x)
     assert len(calls) == 6
+
+
+def test_a_graph_older_than_the_cache_refresh_refuses_to_run_backward():
+    """The cache refreshes its codes in place; a backward through codes from before an optimizer step fails loudly."""
+    m = layer(32, 16)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    old = m(torch.randn(4, 32)).sum()
+    m(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    m(torch.randn(4, 32))  # new weights: codes rewritten
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        old.backward()
 
 
 @pytest.mark.parametrize("steps", [3])
