@@ -146,6 +146,7 @@ class BitLinearFunction(torch.autograd.Function):
         return y.reshape(*lead, wc.shape[0])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         lam, dt = ctx.lam, ctx.out_dtype
         if lam == 1.0:
