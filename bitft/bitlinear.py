@@ -56,8 +56,9 @@ import weakref
 
 import torch
 import torch.nn as nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from bitft.kernels import activation_codes, code_matmul, dequantize, weight_codes
