@@ -61,7 +61,7 @@ from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from bitft.kernels import activation_codes, code_matmul, dequantize, weight_codes
+from bitft.kernels import activation_codes, code_matmul, codes_of, dequantize, weight_codes
 from bitft.quant import blend, packed_weight_scale, quantize_activation, quantize_weight
 
 
@@ -119,9 +119,10 @@ class BitLinearFunction(torch.autograd.Function):
     """y = BitLinear(x) for λ > 0 with straight-through gradients; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, xc, a, wc, inv, lam, out_dtype, save_weight):
+    def forward(ctx, x, weight, bias, xc, a, wstore, inv, lam, out_dtype, save_weight):
         k = x.shape[-1]
         lead = x.shape[:-1]
+        wc = codes_of(wstore)
         with torch.autocast(x.device.type, enabled=False):
             if lam == 1.0:
                 acc = code_matmul(xc.reshape(-1, k), wc)
@@ -141,10 +142,10 @@ class BitLinearFunction(torch.autograd.Function):
         if save_weight:
             ctx.save_for_backward(*saved, weight)
         elif lam == 1.0:
-            ctx.save_for_backward(*saved, wc, inv)
+            ctx.save_for_backward(*saved, wstore, inv)
         else:
-            ctx.save_for_backward(*saved, weight, wc, inv)
-        return y.reshape(*lead, wc.shape[0])
+            ctx.save_for_backward(*saved, weight, wstore, inv)
+        return y.reshape(*lead, weight.shape[0])
 
     @staticmethod
     @once_differentiable
@@ -159,10 +160,12 @@ class BitLinearFunction(torch.autograd.Function):
             (weight,) = rest
             wc, inv = weight_codes(weight)
         elif lam == 1.0:
-            wc, inv = rest
+            wstore, inv = rest
+            wc = codes_of(wstore)
             weight = None
         else:
-            weight, wc, inv = rest
+            weight, wstore, inv = rest
+            wc = codes_of(wstore)
         n, k = wc.shape
         gy = grad_y.reshape(-1, n).to(dt)
         grad_x = grad_w = grad_b = None
@@ -212,18 +215,17 @@ class BitLinear(nn.Linear):
         return new
 
     def weight_codes(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(codes, inv, cached): the weight's int8 codes and 1/s, from the cache where it applies."""
+        """(store, inv, cached): the weight's codes (int8, or 2-bit packed uint8 when cached) and 1/s."""
         w = self.weight
         if not (CACHE_WEIGHTS and w.requires_grad) or is_zero3_param(w):
             return (*weight_codes(w), False)
         key = (id(w), w.data_ptr(), w._version, _STEP[0], w.shape, w.dtype, w.device)
         cache = getattr(self, "_wcache", None)
         if cache is None or cache[0] != key:
-            if cache is not None and cache[1].shape == w.shape and cache[1].device == w.device:
-                codes, inv = weight_codes(w, out=cache[1])  # refresh in place: no allocator churn
-            else:
-                codes, inv = weight_codes(w)
-            cache = self._wcache = (key, codes, inv)
+            packed = w.shape[0] % 4 == 0  # 2 bits per weight held between steps, unpacked per use
+            old = cache[1] if cache is not None and cache[0][4:] == key[4:] else None
+            store, inv = weight_codes(w, out=old, packed=packed)  # refresh in place: no allocator churn
+            cache = self._wcache = (key, store, inv)
             _CACHED.add(self)
         return cache[1], cache[2], True
 

@@ -35,15 +35,19 @@ EXACT_FP32_K = 1 << 17  # 128 · K < 2²⁴
 _CHOICE: dict[tuple, bool] = {}  # (M bucket, K, N, threads) -> use torch._int_mm (CPU)
 
 
+WORKSPACE_MAX_BYTES = 32 << 20
+
+
 class _Workspace(threading.local):
     def __init__(self):
         self.bufs: dict[tuple, torch.Tensor] = {}
 
     def get(self, slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-        """A reusable uninitialised buffer of `shape` on CPU; None elsewhere (allocate normally)."""
-        if device.type != "cpu":
-            return None
+        """A reusable uninitialised buffer of `shape` on CPU below 32 MiB; None otherwise (allocate normally:
+        glibc maps larger blocks on their own and unmaps them when freed, nothing to fragment)."""
         n = math.prod(shape)
+        if device.type != "cpu" or n * dtype.itemsize >= WORKSPACE_MAX_BYTES:
+            return None
         key = (slot, dtype)
         buf = self.bufs.get(key)
         if buf is None or buf.numel() < n:
@@ -94,17 +98,38 @@ def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t.round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8), a
 
 
-def weight_codes(w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_codes(w: torch.Tensor, out: torch.Tensor | None = None, packed: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(wc, inv): int8 clamp(round(W·inv), -1, 1), inv = 1 / max(mean|W|, 1e-5); `bitft.quant.weight_codes`'s values.
 
-    `out`: an int8 tensor of W's shape to write the codes into (the weight cache refreshes in place).
+    packed: the codes as uint8 [out/4, in], 2 bits each in the packed export's layout
+    (`bitft.quant.pack_ternary`; out % 4 == 0). `out`: a tensor to write them into (the weight
+    cache refreshes in place).
     """
     w = w.detach()
     if w.dtype != torch.float32:  # (w·inv with a 0-dim float32 inv would be computed in w's dtype)
         w = _empty("w32", w.shape, torch.float32, w.device).copy_(w)
     inv = 1.0 / torch.abs(w, out=_empty("wabs", w.shape, torch.float32, w.device)).mean().clamp(min=EPS)
     t = torch.mul(w, inv, out=_empty("wabs", w.shape, torch.float32, w.device)).round_().clamp_(-1, 1)
+    if packed:  # code + 1 ∈ {0, 1, 2}; block i of out/4 rows in bits 2i..2i+1: exact in float32
+        t4 = t.add_(1).view(4, w.shape[0] // 4, *w.shape[1:])
+        t = torch.mul(t4[3], 4).add_(t4[2]).mul_(4).add_(t4[1]).mul_(4).add_(t4[0])
+        return (t.to(torch.uint8) if out is None else out.copy_(t)), inv
     return (t.to(torch.int8) if out is None else out.copy_(t)), inv
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out/4, in] (`weight_codes(..., packed=True)`) -> int8 codes [out, in]: a temporary (workspace on CPU)."""
+    q = packed.shape[0]
+    u = _empty("unpacked", (4, *packed.shape), torch.uint8, packed.device)
+    for i in range(4):
+        torch.bitwise_right_shift(packed, 2 * i, out=u[i])
+    return u.bitwise_and_(3).sub_(1).view(torch.int8).view(4 * q, *packed.shape[1:])
+
+
+def codes_of(store: torch.Tensor) -> torch.Tensor:
+    """The int8 weight codes from what the cache stores (packed uint8 or int8)."""
+    return unpack_codes(store) if store.dtype == torch.uint8 else store
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, slot: str) -> torch.Tensor:

@@ -177,15 +177,27 @@ def saved_by(fn):
     return saved
 
 
-def test_lambda_one_saves_int8_codes_and_small_scales_only():
+def test_lambda_one_saves_int8_activations_and_2_bit_weight_codes_only():
     m = layer(128, 96)
     x = torch.randn(4, 32, 128, requires_grad=True)
     saved = saved_by(lambda: m(x))
     big = [t for t in saved if t.numel() > 4 * 32]
-    assert {t.dtype for t in big} == {torch.int8}  # activation codes and weight codes
-    assert sum(t.numel() * t.element_size() for t in saved) < 4 * 32 * 128 + 96 * 128 + 4 * 32 * 4 + 64
+    assert sorted(str(t.dtype) for t in big) == ["torch.int8", "torch.uint8"]  # activation codes, packed weight codes
+    assert sum(t.numel() * t.element_size() for t in saved) < 4 * 32 * 128 + 96 * 128 // 4 + 4 * 32 * 4 + 64
     ref = saved_by(lambda: m.fake_quant_forward(x))  # float copies of q(x) and q(W)
     assert sum(t.numel() * t.element_size() for t in ref) >= 4 * (4 * 32 * 128 + 96 * 128)
+
+
+def test_the_cache_holds_the_packed_exports_bytes():
+    m = layer(64, 48)
+    m(torch.randn(3, 64))
+    _, store, inv = m._wcache
+    codes, s = ternarize(m.weight)
+    assert store.dtype == torch.uint8 and torch.equal(store, pack_ternary(codes))
+    assert torch.equal(kernels.unpack_codes(store), codes) and torch.equal(1.0 / inv, s)
+    odd = layer(64, 30)  # out_features not a multiple of 4: int8 codes
+    odd(torch.randn(3, 64))
+    assert odd._wcache[1].dtype == torch.int8 and torch.equal(odd._wcache[1], ternarize(odd.weight)[0])
 
 
 def test_layers_fed_the_same_input_share_one_set_of_activation_codes(monkeypatch):
