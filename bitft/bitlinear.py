@@ -22,26 +22,27 @@ bit for bit. transformers' AutoBitLinear (stock loading of an unpacked bitft che
 dequantized values instead and agrees to float32 rounding (~1e-7 relative), not bit for bit.
 
 Saved for the backward at λ = 1: the int8 activation codes and their per-token scales (1 byte per
-value; layers fed the same input tensor, like q/k/v, share one set), and the weight's int8 codes
+value; layers fed the same input tensor, like q/k/v, share one set), and the weight's 2-bit codes
 from the cache below; no float copy of either. Below λ = 1 the input x' itself is saved, as
 nn.Linear does. Autocast: the integer product and the scales run in float32 and y is cast to the
 autocast dtype; the backward's matmuls run in that dtype (bf16 backward under bf16 autocast).
 
-Weight cache (once per optimizer step): the int8 codes of a trainable weight are computed at its
-first forward after a change and kept (1 byte per weight), keyed on the Parameter's identity,
+Weight cache (once per optimizer step): the codes of a trainable weight are computed at its first
+forward after a change and kept packed, 2 bits per weight in the packed export's layout (int8 where
+out_features % 4 != 0), and unpacked into a temporary at each use; keyed on the Parameter's identity,
 data_ptr, `_version` (bumped by in-place optimizer updates and load_state_dict) and a global
 optimizer-step counter (a torch optimizer-step pre-hook bumps it, which also catches updates that
 bypass `_version`: DeepSpeed ZeRO-2 all-gathers into flat buffers, writes through `.data`).
-Gradient-accumulation micro-batches, activation-checkpoint recomputation and evaluation between
-steps reuse the codes; the next forward after a step rewrites them in place (same buffer, so no
+Gradient-accumulation micro-batches, activation-checkpoint recomputation and no_grad forwards
+(evaluation, generation) reuse the codes; the next forward after a step rewrites them in place (same buffer, so no
 allocator churn; a graph still holding the old codes then fails its backward loudly instead of
 using new codes). Not cached: frozen weights (LoRA bases: peft's merge writes `.data += ΔW` in
 place, which no counter sees; they are quantized per forward and again in the backward, so
 nothing per layer is held between them), and DeepSpeed ZeRO-3 partitioned parameters (`ds_id`):
-a cache would keep every layer's codes alive, 1 byte per parameter of the full model against
-ZeRO-3's 1/world_size share, so they are quantized in the forward and again in the backward from
-the re-gathered weight, which is saved instead of its codes (one more quantization per layer and
-micro-batch, no gathered copy held). Weights changed through `.data` outside an optimizer step:
+a cache would keep every layer's codes alive, 2 bits per parameter of the full model, unsharded,
+so they are quantized in the forward and again in the backward from the re-gathered weight, which
+is saved instead of its codes (one more quantization per layer and micro-batch, no gathered copy
+held; not measured under ZeRO-3 here). Weights changed through `.data` outside an optimizer step:
 call `clear_weight_cache()`.
 
 The optional SubLN norm is transformers' LlamaRMSNorm under the name `rms_norm`, the name and
