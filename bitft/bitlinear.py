@@ -133,7 +133,7 @@ class BitLinearFunction(torch.autograd.Function):
                 saved = (xc, a)
             else:
                 xb = torch.lerp(x, dequantize(xc, a, x.dtype, "xq"), lam).to(out_dtype)
-                wb = torch.lerp(weight, dequantize(wc, inv, weight.dtype, "wq"), lam).to(out_dtype)
+                wb = torch.lerp(weight, dequantize(wc, inv, weight.dtype, "wf"), lam).to(out_dtype)
                 y = F.linear(xb, wb, None if bias is None else bias.to(out_dtype))
                 saved = (x, xc, a)
         ctx.lam, ctx.lead, ctx.has_bias = lam, lead, bias is not None
@@ -171,7 +171,7 @@ class BitLinearFunction(torch.autograd.Function):
         gy = grad_y.reshape(-1, n).to(dt)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            wq = dequantize(wc, inv, ctx.w_dtype, "wq")
+            wq = dequantize(wc, inv, ctx.w_dtype, "wf")
             if lam != 1.0:
                 wq = torch.lerp(weight, wq, lam, out=wq) if wq.dtype == weight.dtype else torch.lerp(weight, wq, lam)
             grad_x = gy.mm(wq.to(dt)).reshape(*ctx.lead, k).to(ctx.x_dtype)
