@@ -27,11 +27,23 @@ def weight_scale(w: torch.Tensor) -> torch.Tensor:
     return w.detach().float().abs().mean().clamp(min=EPS)
 
 
+def weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, inv): int8 codes clamp(round(W·inv), -1, 1) and inv = 1/s (float32), q(W) = codes / inv."""
+    wf = w.detach().float()
+    inv = 1.0 / wf.abs().mean().clamp(min=EPS)
+    codes = (wf * inv).round_().clamp_(-1, 1)
+    return codes.to(torch.int8), inv
+
+
 def ternarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer codes {-1, 0, 1} (int8) of W and their scale s, with q(W) = codes · s."""
-    inv = 1.0 / weight_scale(w)
-    codes = (w.detach().float() * inv).round().clamp(-1, 1)
-    return codes.to(torch.int8), 1.0 / inv
+    codes, inv = weight_codes(w)
+    return codes, 1.0 / inv
+
+
+def packed_weight_scale(inv: torch.Tensor) -> torch.Tensor:
+    """The packed export's `weight_scale` 1/s for s = 1/inv, rounded exactly as the export computes it."""
+    return 1.0 / (1.0 / inv)
 
 
 def quantize_weight(w: torch.Tensor) -> torch.Tensor:
@@ -39,6 +51,13 @@ def quantize_weight(w: torch.Tensor) -> torch.Tensor:
     wf = w.detach().float()
     inv = 1.0 / wf.abs().mean().clamp(min=EPS)
     return ((wf * inv).round().clamp(-1, 1) / inv).to(w.dtype)
+
+
+def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, a): int8 codes clamp(round(x·a), -128, 127) per token and a = 127/max|x| (float32, [..., 1])."""
+    xf = x.detach().float()
+    a = ACT_QMAX / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return (xf * a).round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8), a
 
 
 def quantize_activation(x: torch.Tensor) -> torch.Tensor:

@@ -70,8 +70,14 @@ def test_stock_transformers_loads_lambda_one_and_agrees(tiny_folder, arch, tmp_p
     stock = stock_logits(out, tokens, tmp_path)
     assert "AutoBitLinear" in stock["linear_classes"]
     ours = AutoModelForCausalLM.from_pretrained(out)(tokens).logits
-    # same arithmetic in eager mode: equal bit for bit
-    assert torch.equal(stock["logits"], ours)
+    # Same ternary codes and int8 activations; AutoBitLinear multiplies dequantized values, bitft
+    # multiplies the integer codes and applies the scales after (the packed export's order, which
+    # it equals bit for bit). ~1e-7 apart, which can put an activation on the other side of an int8
+    # rounding step; one such step moves a logit by up to ~1e-2 in these tiny models.
+    diff = (stock["logits"] - ours).abs()
+    print(f"max abs logit diff {diff.max():.2e}, share above 1e-4: {(diff > 1e-4).float().mean():.3f}")
+    torch.testing.assert_close(stock["logits"], ours, atol=2e-2, rtol=0)
+    assert torch.equal(stock["logits"].argmax(-1), ours.argmax(-1))
 
 
 def test_in_memory_conversion_saves_with_save_pretrained(tmp_path, tokens):

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from bitft import BitLinear
-from bitft.quant import blend, quantize_activation, quantize_weight, ternarize
+from bitft.quant import (activation_codes, blend, packed_weight_scale, quantize_activation, quantize_weight,
+                         ternarize, weight_codes)
 
 
 def test_weight_is_ternary_times_absmean():
@@ -76,7 +77,14 @@ def test_bitlinear_lambda_one_is_w158a8():
     lin = torch.nn.Linear(32, 16)
     x = torch.randn(4, 7, 32)
     bl = BitLinear.from_linear(lin, lam=1.0)
-    assert torch.equal(bl(x), F.linear(quantize_activation(x), quantize_weight(lin.weight), lin.bias))
+    # integer codes multiplied, the scales applied after (transformers' packed BitLinear's order)
+    xc, a = activation_codes(x)
+    wc, inv = weight_codes(lin.weight)
+    ws = packed_weight_scale(inv)
+    assert torch.equal(bl(x), (xc.double() @ wc.double().t()).float() / (ws * a) + lin.bias)
+    # the same numbers as the dequantized (fake-quant) product, up to float32 rounding
+    torch.testing.assert_close(bl(x), F.linear(quantize_activation(x), quantize_weight(lin.weight), lin.bias),
+                               rtol=1e-6, atol=1e-6)
     bl.lam = 0.5
     mid = F.linear(x + 0.5 * (quantize_activation(x) - x), lin.weight + 0.5 * (quantize_weight(lin.weight) - lin.weight), lin.bias)
     assert torch.allclose(bl(x), mid, atol=1e-6)

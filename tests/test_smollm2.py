@@ -58,7 +58,14 @@ def test_convert_the_shipped_gguf_and_stock_transformers_agrees(smollm2_gguf, tm
     with torch.no_grad():
         ours = fresh(out)(ids).logits
     assert stock["linear_classes"] == ["AutoBitLinear", "Linear"]
-    assert torch.equal(stock["logits"], ours)
+    # AutoBitLinear multiplies dequantized values; bitft multiplies the integer codes and applies the
+    # scales after (the packed export's order, equal bit for bit: test below). ~1e-7 apart, which
+    # flips the odd int8 activation code; untrained ternary SmolLM2 amplifies those flips with depth.
+    diff = (stock["logits"] - ours).abs()
+    agree = (stock["logits"].argmax(-1) == ours.argmax(-1)).float().mean().item()
+    corr = torch.corrcoef(torch.stack([stock["logits"].flatten(), ours.flatten()]))[0, 1].item()
+    print(f"AutoBitLinear vs bitft, 30 layers: max diff {diff.max():.2e}, argmax agree {agree:.2f}, corr {corr:.4f}")
+    assert corr > 0.9
 
 
 def test_folder_conversion_copies_without_loading(smollm2_folder, tmp_path):
@@ -84,16 +91,6 @@ def test_packed_export_of_smollm2_loads_in_stock_transformers(smollm2_folder, wi
         stock = torch.load(tmp_path / "stock.pt")
         with torch.no_grad():
             ours = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, num_hidden_layers=layers)(ids).logits
-        diff = (stock["logits"] - ours).abs()
-        agree = (stock["logits"].argmax(-1) == ours.argmax(-1)).float().mean().item()
-        tokens_exact = (diff.amax(-1) < 1e-3).float().mean().item()
-        print(f"layers {layers}: max diff {diff.max():.2e}, median {diff.median():.2e}, "
-              f"tokens within 1e-3 {tokens_exact:.2f}, argmax agree {agree:.2f}")
-        # Stock does the integer matmul and divides once; bitft multiplies dequantized values. The
-        # ~1e-7 apart sometimes puts an activation on the other side of an int8 rounding step, and
-        # untrained ternary SmolLM2 amplifies that with depth (measured: 1 layer 0.97 of tokens
-        # within 1e-3, argmax 1.00; 2 layers 0.72 / 0.98; 30 layers 0.00 / 0.92).
-        if layers <= 2:
-            assert diff.median() < 1e-4 and tokens_exact > 0.5 and agree >= 0.95
-        else:
-            assert agree >= 0.8
+        # bitft's λ=1 forward computes in the packed BitLinear's order: bit for bit at every depth
+        # (bitft ≤ 0.1 multiplied dequantized values: 30 layers, next-token argmax 92% equal).
+        assert torch.equal(stock["logits"], ours), f"{layers} layers: max diff {(stock['logits'] - ours).abs().max():.2e}"
