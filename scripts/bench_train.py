@@ -1,7 +1,7 @@
 """Train-step time and peak memory: the plain model against the BitLinear model at λ=1.
 
     python scripts/bench_train.py [--shapes smollm2 llama2048] [--repeats 2] [--steps 3] [--threads 2]
-                                  [--impls plain fast reference] [--device cpu|cuda]
+                                  [--impls plain fast reference] [--device cpu|cuda] [--mmap-threshold BYTES]
 
 A step is forward + backward + AdamW step on a random-init Llama (no download) with random tokens.
 Every case runs in a fresh process (plain, BitLinear and the reference alternating, --repeats
@@ -95,6 +95,9 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warmup step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="glibc MALLOC_MMAP_THRESHOLD_ for every case: blocks above it are mmapped and returned "
+                        "to the OS when freed, so peak RSS tracks live tensors rather than heap fragmentation")
     p.add_argument("--case", nargs=2, metavar=("SHAPE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device is None:
@@ -109,6 +112,8 @@ def main():
 
     cap = torch.backends.cpu.get_cpu_capability()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.repeats):
         for shape in args.shapes:
@@ -131,7 +136,8 @@ def main():
     dev = f"CUDA {torch.cuda.get_device_name()} bf16 autocast" if args.device == "cuda" else \
         f"CPU float32, {args.threads} threads, capability {cap}"
     print(f"\n{dev}; forward+backward+AdamW step, best of {args.repeats} fresh processes × {args.steps} steps; "
-          f"peak {'max_memory_allocated' if args.device == 'cuda' else 'RSS'}\n")
+          f"peak {'max_memory_allocated' if args.device == 'cuda' else 'RSS'}"
+          f"{'' if args.mmap_threshold is None else f', MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}'}\n")
     ref = "reference" in args.impls
     head = "| shapes | plain s | BitLinear s | ratio | plain peak MiB | BitLinear peak MiB | ratio |"
     rule = "|---|---|---|---|---|---|---|"

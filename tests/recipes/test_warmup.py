@@ -65,6 +65,8 @@ LAUNCHERS = {
              {"ACCELERATE_USE_CPU": "true"}),
     "zero2": ([ACCELERATE, "launch", "--config_file", str(REPO / "configs/accelerate/zero2.yaml"), "--num_processes", "2"],
               {}),
+    "zero3": ([ACCELERATE, "launch", "--config_file", str(REPO / "configs/accelerate/zero3.yaml"), "--num_processes", "2"],
+              {}),
 }
 
 
@@ -234,6 +236,19 @@ def test_deepspeed_zero2_two_cpu_processes(reference, tmp_path, tiny_llama_folde
     results = json.loads((run / "warmup_results.json").read_text())
     assert results["world_size"] == 2 and results["engine"] == "DEEPSPEED"
     assert (run / f"checkpoint-{MAX_STEPS}" / f"global_step{MAX_STEPS}").is_dir()  # a DeepSpeed checkpoint
+    assert_same_losses(run, reference[1], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_cpu_processes(reference, tmp_path, tiny_llama_folder):
+    """ZeRO-3 partitions the weights; BitLinear then caches no codes (a cache would hold every
+    layer's gathered codes) and re-quantizes the re-gathered weight in the backward: same losses."""
+    pytest.importorskip("deepspeed")
+    config = tiny_config(tmp_path, tiny_llama_folder, per_device_train_batch_size=1, use_cpu=False, ddp_backend="gloo")
+    launch(config, launcher="zero3", timeout=400)
+    run = tmp_path / "run"
+    results = json.loads((run / "warmup_results.json").read_text())
+    assert results["world_size"] == 2 and results["engine"] == "DEEPSPEED"
     assert_same_losses(run, reference[1], rel=1e-4)
 
 
