@@ -31,18 +31,20 @@ Weight cache (once per optimizer step): the codes of a trainable weight are comp
 forward after a change and kept packed, 2 bits per weight in the packed export's layout (int8 where
 out_features % 4 != 0), and unpacked into a temporary at each use; keyed on the Parameter's identity,
 data_ptr, `_version` (bumped by in-place optimizer updates and load_state_dict) and a global
-optimizer-step counter (a torch optimizer-step pre-hook bumps it, which also catches updates that
-bypass `_version`: DeepSpeed ZeRO-2 all-gathers into flat buffers, writes through `.data`).
+step counter; a torch optimizer-step pre-hook (below) frees the cache, which also catches updates
+that bypass `_version` (DeepSpeed ZeRO-2 all-gathers into flat buffers, writes through `.data`).
 Gradient-accumulation micro-batches, activation-checkpoint recomputation and no_grad forwards
-(evaluation, generation) reuse the codes; the next forward after a step rewrites them in place (same buffer, so no
-allocator churn; a graph still holding the old codes then fails its backward loudly instead of
-using new codes). Not cached: frozen weights (LoRA bases: peft's merge writes `.data += ΔW` in
+(evaluation, generation) reuse the codes. The optimizer-step pre-hook frees every cached code and the
+CPU workspace (bitft.kernels) before the optimizer runs, so BitLinear holds nothing through the
+optimizer's own memory peak (AdamW's temporaries: the step's peak on CPU at these sizes); the next
+forward quantizes the new weights into new buffers (a graph from before the step keeps the codes of
+its own forward). Not cached: frozen weights (LoRA bases: peft's merge writes `.data += ΔW` in
 place, which no counter sees; they are quantized per forward and again in the backward, so
 nothing per layer is held between them), and DeepSpeed ZeRO-3 partitioned parameters (`ds_id`):
 a cache would keep every layer's codes alive, 2 bits per parameter of the full model, unsharded,
 so they are quantized in the forward and again in the backward from the re-gathered weight, which
 is saved instead of its codes (one more quantization per layer and micro-batch, no gathered copy
-held; not measured under ZeRO-3 here). Weights changed through `.data` outside an optimizer step:
+held; tests/recipes: ZeRO-3 with 2 CPU processes gives the single-process losses). Weights changed through `.data` outside an optimizer step:
 call `clear_weight_cache()`.
 
 The optional SubLN norm is transformers' LlamaRMSNorm under the name `rms_norm`, the name and
@@ -62,7 +64,7 @@ from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from bitft.kernels import activation_codes, code_matmul, codes_of, dequantize, weight_codes
+from bitft.kernels import activation_codes, code_matmul, codes_of, dequantize, free_workspace, weight_codes
 from bitft.quant import blend, packed_weight_scale, quantize_activation, quantize_weight
 
 
@@ -92,7 +94,8 @@ def clear_weight_cache() -> None:
 
 
 def _on_optimizer_step(optimizer, args, kwargs) -> None:
-    _STEP[0] += 1  # every cached code is stale; the next forward refreshes it in place
+    clear_weight_cache()  # every cached code is stale: freed before the optimizer allocates its temporaries
+    free_workspace()
 
 
 register_optimizer_step_pre_hook(_on_optimizer_step)
@@ -223,9 +226,7 @@ class BitLinear(nn.Linear):
         key = (id(w), w.data_ptr(), w._version, _STEP[0], w.shape, w.dtype, w.device)
         cache = getattr(self, "_wcache", None)
         if cache is None or cache[0] != key:
-            packed = w.shape[0] % 4 == 0  # 2 bits per weight held between steps, unpacked per use
-            old = cache[1] if cache is not None and cache[0][4:] == key[4:] else None
-            store, inv = weight_codes(w, out=old, packed=packed)  # refresh in place: no allocator churn
+            store, inv = weight_codes(w, packed=w.shape[0] % 4 == 0)  # 2 bits per weight held, unpacked per use
             cache = self._wcache = (key, store, inv)
             _CACHED.add(self)
         return cache[1], cache[2], True

@@ -95,13 +95,11 @@ def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t.round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8), a
 
 
-def weight_codes(w: torch.Tensor, out: torch.Tensor | None = None, packed: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_codes(w: torch.Tensor, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(wc, inv): int8 clamp(round(W·inv), -1, 1), inv = 1 / max(mean|W|, 1e-5); `bitft.quant.weight_codes`'s values.
 
     packed: the codes as uint8 [out/4, in], 2 bits each in the packed export's layout
-    (`bitft.quant.pack_ternary`; out % 4 == 0). `out`: a tensor to write them into (the weight
-    cache refreshes in place).
+    (`bitft.quant.pack_ternary`; out % 4 == 0).
     """
     w = w.detach()
     if w.dtype != torch.float32:  # (w·inv with a 0-dim float32 inv would be computed in w's dtype)
@@ -111,8 +109,8 @@ def weight_codes(w: torch.Tensor, out: torch.Tensor | None = None, packed: bool 
     if packed:  # code + 1 ∈ {0, 1, 2}; block i of out/4 rows in bits 2i..2i+1: exact in float32
         t4 = t.add_(1).view(4, w.shape[0] // 4, *w.shape[1:])
         t = torch.mul(t4[3], 4).add_(t4[2]).mul_(4).add_(t4[1]).mul_(4).add_(t4[0])
-        return (t.to(torch.uint8) if out is None else out.copy_(t)), inv
-    return (t.to(torch.int8) if out is None else out.copy_(t)), inv
+        return t.to(torch.uint8), inv
+    return t.to(torch.int8), inv
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
