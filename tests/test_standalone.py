@@ -212,10 +212,9 @@ def test_a_hub_repo_without_safetensors_downloads_its_pytorch_model_bin(tmp_path
 
 
 # ----------------------------------------------------------------------------- the wheel, from anywhere
-def _eval_json(bitft_exe, cwd, *args) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", TORCHDYNAMO_DISABLE="1")
-    env.pop("PYTHONPATH", None)
-    r = subprocess.run([str(bitft_exe), "eval", "smollm2", *args, "--json", "--no-progress"], cwd=cwd, env=env,
+def _eval_json(command, cwd, *args, pythonpath="") -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", TORCHDYNAMO_DISABLE="1", PYTHONPATH=pythonpath)
+    r = subprocess.run([*command, "eval", "smollm2", *args, "--json", "--no-progress"], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
@@ -245,10 +244,11 @@ def test_the_wheel_installed_elsewhere_evaluates_smollm2_like_the_development_in
                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH="")).stdout.strip()
     assert where.startswith(site), where
 
-    dev_exe = Path(sys.executable).parent / "bitft"
+    # the development install: this checkout's code, run from the repository
+    dev_cmd = [sys.executable, "-c", "import sys; from bitft.cli import main; sys.exit(main(sys.argv[1:]))"]
     for args in (["--ppl", "--windows", "1"], ["--tasks", "arc_easy", "--limit", "5"]):
-        installed = _eval_json(venv / "bin" / "bitft", elsewhere, *args)
-        dev = _eval_json(dev_exe, REPO, *args)
+        installed = _eval_json([str(venv / "bin" / "bitft")], elsewhere, *args)
+        dev = _eval_json(dev_cmd, REPO, *args, pythonpath=str(REPO))
         if "perplexity" in dev:
             assert installed["perplexity"]["data"] == dev["perplexity"]["data"] == "shipped:eval/wikitext2_test.raw"
             assert installed["perplexity"]["ppl"] == dev["perplexity"]["ppl"]
