@@ -74,7 +74,7 @@ def _eval(args) -> None:
     import torch
 
     from bitft.errors import BitftError
-    from bitft.evaluate import default_text, load_for_eval, perplexity_from_nlls, shared_eval_dir, split_windows, window_nlls
+    from bitft.evaluate import load_for_eval, perplexity_from_nlls, ppl_text, split_windows, tasks_folder, window_nlls
     from bitft.tasks import TASKS, check_task_file, evaluate_task, parse_tasks, seed_row, seed_table
 
     if not args.ppl and not args.tasks:
@@ -87,16 +87,12 @@ def _eval(args) -> None:
     if args.lam is not None and not 0.0 <= args.lam <= 1.0:
         raise BitftError(f"--lambda must be in [0, 1], not {args.lam:g}")
     names = parse_tasks(args.tasks) if args.tasks else []
-    tasks_dir = Path(args.tasks_dir) if args.tasks_dir else shared_eval_dir()
-    for name in names:  # every file checked before a model is loaded
+    tasks_dir, tasks_data = tasks_folder(args.tasks_dir) if names else (None, None)
+    for name in names if tasks_dir is not None else []:  # every local file checked before a model is loaded
         check_task_file(name, tasks_dir)
-    text = None
+    text = data = None
     if args.ppl:
-        data = Path(args.data) if args.data else default_text()
-        if not data.is_file():
-            raise BitftError(f"{data} not found: pass --data with a raw text file"
-                             + ("" if args.data else " (the default is WikiText-2 test in ../shared/data/eval)"))
-        text = data.read_text(encoding="utf-8", errors="replace")
+        text, data = ppl_text(args.data)
     progress = not args.no_progress
     from transformers.utils import logging as hf_logging
 
@@ -120,14 +116,15 @@ def _eval(args) -> None:
         nlls = window_nlls(backend, windows, progress)
         ppl = perplexity_from_nlls(nlls, args.seqlen)
         result["perplexity"] = {
-            "data": str(data), "seqlen": args.seqlen, "windows": len(nlls), "windows_available": n_tokens // args.seqlen,
+            "data": data, "seqlen": args.seqlen, "windows": len(nlls), "windows_available": n_tokens // args.seqlen,
             "text_tokens": n_tokens, "predicted_tokens": len(nlls) * (args.seqlen - 1),
             "mean_nll": sum(nlls) / (len(nlls) * (args.seqlen - 1)), "ppl": ppl,
             "seconds": round(time.perf_counter() - t1, 1)}
-        rows.append(("perplexity", f"{ppl:.4f}  ({data.name}, {len(nlls)} of {n_tokens // args.seqlen} windows x "
+        rows.append(("perplexity", f"{ppl:.4f}  ({data}, {len(nlls)} of {n_tokens // args.seqlen} windows x "
                                    f"{args.seqlen} tokens, non-overlapping, no special tokens)"))
     if names:
         result["tasks"] = {}
+        result["tasks_data"] = tasks_data
         for name in names:
             result["tasks"][name] = evaluate_task(backend, tokenizer, name, tasks_dir, args.limit, progress)
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -137,7 +134,7 @@ def _eval(args) -> None:
         return
     print(_table(rows))
     if names:
-        print(f"\nzero-shot (lm-evaluation-harness task configs on the local files, log-likelihood of each choice){'' if args.limit is None else f', first {args.limit} examples'}\n")
+        print(f"\nzero-shot (lm-evaluation-harness task configs on {result['tasks_data']}, log-likelihood of each choice){'' if args.limit is None else f', first {args.limit} examples'}\n")
         print("| task | n | acc | acc_norm |")
         print("|---|---|---|---|")
         for name, r in result["tasks"].items():
@@ -191,11 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity over non-overlapping windows, zero-shot tasks (lm-evaluation-harness)")
     ev.add_argument("model", help="model folder, hub id, bitft checkpoint, packed export, .gguf file, or smollm2")
     ev.add_argument("--ppl", action="store_true", help="perplexity of --data over non-overlapping --seqlen windows")
-    ev.add_argument("--data", help="raw text file for --ppl (default: ../shared/data/eval/wikitext2_test.raw)")
+    ev.add_argument("--data", help="raw text file for --ppl, or shipped:NAME (default: WikiText-2 test from the hub; "
+                                    "offline, the copy shipped with bitft)")
     ev.add_argument("--seqlen", type=int, default=2048, help="--ppl window length in tokens (default 2048)")
     ev.add_argument("--tasks", nargs="+", metavar="TASK",
                     help="zero-shot tasks: all, or any of arc_easy arc_challenge hellaswag piqa boolq openbookqa winogrande")
-    ev.add_argument("--tasks-dir", help="folder of the tasks' jsonl files, hub fields (default: ../shared/data/eval)")
+    ev.add_argument("--tasks-dir", help="folder of the tasks' jsonl files with the hub's fields (default: the harness's "
+                                         "hub datasets; offline, the files shipped with bitft: shipped:eval)")
     ev.add_argument("--limit", type=int, help="only the first N windows (--ppl) and N examples of each task")
     ev.add_argument("--windows", type=int, help="only the first N windows for --ppl (overrides --limit there)")
     ev.add_argument("--lambda", dest="lam", type=float,

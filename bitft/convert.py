@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -90,8 +91,13 @@ def _convert_folder(path: Path, tmp: Path, source, lam, targets, exclude, subln)
     needed = set(model.state_dict()) - {f"{n}.rms_norm.weight" for n in model.config.bitft["modules"]}
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if not shards or not needed - tied <= set(stored):
-        # Pickled weights, or names that transformers renames on load: take the slow, sure path.
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        # Pickled weights (pytorch_model.bin: unpickled with weights_only, tensors and plain containers
+        # only), or names that transformers renames on load: take the slow, sure path.
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(path, dtype="auto", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise BitftError(f"{path}: its pickled weights hold more than tensors, and bitft unpickles weights "
+                             f"only ({str(e).splitlines()[0][:120]}); convert them to safetensors first") from None
         copy_side_files(path, tmp)
         _convert(loaded, source, lam, targets, exclude, subln).save_pretrained(tmp)
         return loaded, "weights loaded, converted, saved"

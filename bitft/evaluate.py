@@ -27,16 +27,73 @@ from tqdm.auto import tqdm
 from bitft.errors import BitftError
 
 
-def shared_eval_dir() -> Path:
-    """../shared/data/eval beside the repository (or $BITFT_SHARED/data/eval)."""
-    env = os.environ.get("BITFT_SHARED")
-    if env:
-        return Path(env) / "data" / "eval"
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
+# ----------------------------------------------------------------------------- which data: hub first, shipped offline
+WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+SHIPPED_WIKITEXT = "eval/wikitext2_test.raw"
+_OFF = {"1", "ON", "YES", "TRUE"}
 
 
-def default_text() -> Path:
-    return shared_eval_dir() / "wikitext2_test.raw"
+def hub_unavailable() -> str | None:
+    """Why the hub cannot be used (offline mode set, or its host unreachable), or None when it can."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").upper() in _OFF:
+            return f"{var}={os.environ[var]}"
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as e:
+        return f"{url.hostname} unreachable ({type(e).__name__})"
+    return None
+
+
+def _say(line: str) -> None:
+    import sys
+
+    print(f"bitft eval: {line}", file=sys.stderr, flush=True)
+
+
+def ppl_text(data: str | None) -> tuple[str, str]:
+    """(text, where it came from) for --ppl: DATA (a file or shipped:NAME) if given; else WikiText-2 test
+    from the hub (`Salesforce/wikitext wikitext-2-raw-v1`, rows joined with no separator); offline, the copy shipped with bitft (the same
+    rows without the hub's blank ones: the same text)."""
+    from bitft.resources import PREFIX, resolve_path, shipped
+
+    if data is None:
+        why = hub_unavailable()
+        if why is None:
+            try:
+                import datasets
+
+                rows = datasets.load_dataset(WIKITEXT[0], WIKITEXT[1], split=WIKITEXT[2])["text"]
+                return "".join(rows), f"hub {WIKITEXT[0]} {WIKITEXT[1]} {WIKITEXT[2]}"
+            except Exception as e:  # the hub answered but the dataset did not come: say so, fall back
+                why = f"{WIKITEXT[0]} could not be loaded ({type(e).__name__})"
+        _say(f"hub not used ({why}): WikiText-2 test from the copy shipped with bitft")
+        data = PREFIX + SHIPPED_WIKITEXT
+        path = shipped(SHIPPED_WIKITEXT)
+    else:
+        path = Path(resolve_path(data))
+    if not path.is_file():
+        raise BitftError(f"{data} not found: pass --data with a raw text file (or leave it out for WikiText-2 test)")
+    return path.read_text(encoding="utf-8", errors="replace"), data
+
+
+def tasks_folder(tasks_dir: str | None) -> tuple[Path | None, str]:
+    """(folder of local task files or None for the harness's hub datasets, where the data came from)."""
+    from bitft.resources import PREFIX, resolve_path, shipped
+
+    if tasks_dir is not None:
+        return Path(resolve_path(tasks_dir)), tasks_dir
+    why = hub_unavailable()
+    if why is None:
+        return None, "hub (the harness's own datasets)"
+    _say(f"hub not used ({why}): task files shipped with bitft")
+    return shipped("eval"), PREFIX + "eval"
 
 
 def token_windows(tokenizer, text: str, seqlen: int, limit: int | None = None) -> torch.Tensor:

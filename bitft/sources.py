@@ -56,8 +56,12 @@ def resolve_source(source: str) -> Path:
         raise BitftError(f"{source} not found: pass an existing model folder, a .gguf file or a hub id (org/name)")
     from huggingface_hub import snapshot_download
 
+    side = ["*.json", "*.model", "*.txt", "*.jinja"]
     try:
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        folder = Path(snapshot_download(source, allow_patterns=side + ["*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):  # an older repo with pickled weights only (loaded weights_only)
+            folder = Path(snapshot_download(source, allow_patterns=side + ["pytorch_model*.bin"]))
+        return folder
     except Exception as e:  # offline, gated, missing: all the same to the user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BitftError(f"cannot fetch {source} from the Hugging Face hub ({reason}); "

@@ -1,10 +1,11 @@
-"""Zero-shot multiple-choice tasks through lm-evaluation-harness, on local files.
+"""Zero-shot multiple-choice tasks through lm-evaluation-harness, on the hub's datasets or local files.
 
 Each task is the harness's own task config (its YAML in lm_eval/tasks: prompt, choices, target,
-metrics, preprocessing), with the dataset swapped for the local jsonl file with the hub's fields
-(../shared/data/eval): `dataset_path: json`, `data_files: {validation: FILE}`, validation split
-evaluated, zero-shot. BoolQ's file has google/boolq's boolean `answer`; the harness's config
-(super_glue) reads `label`, so label = int(answer) is added on load.
+metrics, preprocessing), validation split, zero-shot. Where the hub is reachable the harness loads
+its own dataset; offline (or with --tasks-dir) the dataset is swapped for a local jsonl file with
+the hub's fields (shipped with bitft: bitft/resources/eval): `dataset_path: json`,
+`data_files: {validation: FILE}`. BoolQ's file has google/boolq's boolean `answer`; the harness's
+config (super_glue) reads `label`, so label = int(answer) is added on load.
 
 The harness builds the requests and computes the metrics; `HarnessLM` answers its loglikelihood
 requests with a bitft backend (transformers or llama.cpp, see bitft.evaluate):
@@ -141,8 +142,8 @@ def _boolq_label(dataset):
     return dataset.map(lambda d: {"label": int(bool(d["answer"]))})
 
 
-def harness_config(name: str, folder: Path) -> dict:
-    """The harness's config of task NAME, reading the local file in FOLDER instead of the hub."""
+def harness_config(name: str, folder: Path | None) -> dict:
+    """The harness's config of task NAME, reading the local file in FOLDER instead of the hub (None: the hub)."""
     import lm_eval.tasks
     from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -150,10 +151,12 @@ def harness_config(name: str, folder: Path) -> dict:
     cfg = load_yaml(Path(lm_eval.tasks.__file__).parent / task.harness_yaml, resolve_func=True)
     for key in ("tag", "group"):
         cfg.pop(key, None)
+    cfg.update(validation_split="validation", test_split=None, num_fewshot=0)
+    if folder is None:
+        return cfg
     cfg.update(dataset_path="json", dataset_name=None,
                dataset_kwargs={"data_files": {"validation": str(check_task_file(name, folder))}},
-               training_split=None, validation_split="validation", test_split=None, fewshot_split=None,
-               num_fewshot=0)
+               training_split=None, fewshot_split=None)
     if name == "boolq":
         cfg["process_docs"] = _boolq_label
         cfg["metric_list"] = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]  # its defaults, said
@@ -228,7 +231,7 @@ def _quiet(quiet: bool):
             datasets.enable_progress_bars()
 
 
-def evaluate_task(backend, tokenizer, name: str, folder: Path, limit: int | None = None,
+def evaluate_task(backend, tokenizer, name: str, folder: Path | None, limit: int | None = None,
                   progress: bool = False) -> dict:
     """Run task NAME through the harness with BACKEND: {n, acc, acc_stderr[, acc_norm, acc_norm_stderr], seconds}."""
     import logging

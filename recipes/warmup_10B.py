@@ -4,7 +4,7 @@ Continued pre-training of a BitNet b1.58 model with λ warmup: the recipe behind
 HF1BitLLM/Llama3-8B-1.58-Linear-10B-tokens. Flags override the YAML's keys (Hugging Face
 TrainingArguments names: --output_dir, --max_steps, --save_steps, ...); unknown keys are errors.
 
-The 2-core CPU demo (SmolLM2-135M on the shared text, a few minutes):
+The 2-core CPU demo (SmolLM2-135M on the text shipped with bitft, a few minutes):
 
     accelerate launch --cpu --num_processes 1 recipes/warmup_10B.py --config configs/demo/warmup.yaml
 

@@ -17,15 +17,16 @@ from transformers import AutoModelForCausalLM
 import bitft
 from bitft.sources import load_model
 from bitft.evaluate import perplexity, token_windows
+from bitft.resources import resolve_path
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval" / "wikitext2_test.raw"
+DEFAULT_TEXT = "shipped:eval/wikitext2_test.raw"  # WikiText-2 test, installed with bitft
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("converted", help="a folder written by `bitft convert`")
     p.add_argument("--source", required=True, help="the model it was converted from (folder, .gguf, hub id)")
-    p.add_argument("--text", default=str(DEFAULT_TEXT), help="raw text to score (default: WikiText-2 test)")
+    p.add_argument("--text", default=DEFAULT_TEXT, help="raw text file or shipped:NAME to score (default: WikiText-2 test)")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=4)
     args = p.parse_args()
@@ -33,7 +34,7 @@ def main():
     loaded = load_model(args.source)
     original, tokenizer = loaded.model, loaded.tokenizer
     converted = AutoModelForCausalLM.from_pretrained(args.converted, dtype=torch.float32).eval()
-    windows = token_windows(tokenizer, Path(args.text).read_text(), args.seqlen, args.windows)
+    windows = token_windows(tokenizer, Path(resolve_path(args.text)).read_text(), args.seqlen, args.windows)
     with torch.no_grad():
         ref = original(windows[:1]).logits
 

@@ -64,7 +64,7 @@ def dpo_merged_eval(sft_dir: Path, adapters: Path, eval_size: int, seed: int, ma
     merged = PeftModel.from_pretrained(base, adapters).merge_and_unload()
     assert bitft.get_lambda(merged) == 1.0
     tok = AutoTokenizer.from_pretrained(sft_dir)
-    data = PreferenceDataArguments(dataset=[str(REPO.parent / "shared/data/dpo/oasst_en_100_pairs.trl_conversational.jsonl")],
+    data = PreferenceDataArguments(dataset=["shipped:demo/dpo/oasst_en_100_pairs.trl_conversational.jsonl"],
                                    eval_size=eval_size)
     train, held = build_datasets(data, "preference", seed=seed)
     args = BitDPOConfig(output_dir=str(adapters / "merged-eval"), use_cpu=True, bf16=False, report_to="none",

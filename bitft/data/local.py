@@ -2,6 +2,7 @@
 
 jsonl / json -> `json`, parquet -> `parquet`, txt -> `text` with one document per file. A source
 list is either all local paths (every one must exist) or one hub dataset id (None here).
+`shipped:NAME` names data installed with bitft (bitft/resources).
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from pathlib import Path
 from typing import Iterable
 
 from bitft.errors import DataError
+from bitft.resources import resolve_path
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
 def local_files(sources: Iterable[str], suffixes: tuple[str, ...] = tuple(LOADERS)) -> list[Path] | None:
     """The data files named by SOURCES (files or folders), or None when they are not local paths."""
-    sources = [str(s) for s in sources]
+    sources = [resolve_path(s) for s in sources]
     paths = [Path(s).expanduser() for s in sources]
     if not any(p.exists() for p in paths):
         looks_local = any(s.startswith((".", "/", "~")) or Path(s).suffix in suffixes for s in sources)
