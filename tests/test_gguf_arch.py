@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from helpers import LLAMA31_ROPE, TINY, cli_refuses
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 import bitft
-from bitft.errors import BitftError
 from bitft.export.gguf import export_gguf
 from bitft.export.gguf_arch import llama3_rope_freqs
-from helpers import LLAMA31_ROPE, TINY, cli_refuses
 
 gguf = pytest.importorskip("gguf")
 

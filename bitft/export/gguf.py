@@ -28,7 +28,11 @@ import torch
 from bitft.errors import BitftError
 from bitft.export.gguf_arch import arch_of, check_config, write_hparams
 from bitft.export.gguf_vocab import bpe_vocab
-from bitft.export.packed import read_checkpoint_config, _tensors_from_merged_lora, _tensors_from_shards
+from bitft.export.packed import (
+    _tensors_from_merged_lora,
+    _tensors_from_shards,
+    read_checkpoint_config,
+)
 from bitft.quant import ternarize
 
 TERNARY_TYPES = ("tq2_0", "tq1_0")
