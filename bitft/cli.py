@@ -167,13 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a folder written by `bitft convert` or a training run, at λ=1")
     fmt = e.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--packed", action="store_true", help="transformers' BitNet format (uint8, 4 weights a byte)")
-    fmt.add_argument("--gguf", action="store_true", help="a GGUF file for llama.cpp (Llama-architecture models)")
+    fmt.add_argument("--gguf", action="store_true", help="a GGUF file for llama.cpp (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma-3)")
     e.add_argument("--output", "-o", required=True, help="folder (--packed) or .gguf file (--gguf) to write")
     e.add_argument("--type", default="tq2_0", help="--gguf: tq2_0 (2.06 bits), tq1_0 (1.69 bits), or the exact baselines q8_0, f16 (default tq2_0)")
     e.add_argument("--float-type", default="f16", choices=["f16", "f32"],
                    help="--gguf: type of embeddings and lm_head (default f16)")
-    e.add_argument("--tokenizer-pre", default="default",
-                   help="--gguf: llama.cpp's pre-tokenizer name (llama-bpe for Llama-3, smollm for SmolLM2)")
+    e.add_argument("--tokenizer-pre", default=None,
+                   help="--gguf: override llama.cpp's pre-tokenizer name (default: detected from the tokenizer, "
+                        "as llama.cpp's converter does; e.g. llama-bpe, qwen2, smollm)")
     e.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the master weights first")
     e.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     e.set_defaults(func=_export)

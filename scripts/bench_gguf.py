@@ -6,6 +6,8 @@ A random Llama whose widths are multiples of 256 (hidden 2048, FFN 5632, 16 head
 linear is ternary-packed, converted at λ=1 and exported with `bitft export --gguf --type T` for T in
 TQ2_0, TQ1_0, Q8_0, F16. Decode = one token at a time after an 8-token prompt, through
 llama-cpp-python with a fixed thread count; the median of several runs. Prints a markdown table.
+A last pair of rows is a Llama-3.x-shaped model (Llama-3.2-1B's widths: hidden 2048, FFN 8192, 32 query
+and 8 key/value heads, 128256-entry vocabulary, `llama3` rope scaling), same layer count, F16 and TQ2_0.
 """
 
 import argparse
@@ -19,8 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import bitft
-from bitft.sources import embedded_smollm2, load_gguf
 from bitft.export.gguf import export_gguf
+from bitft.sources import embedded_smollm2, load_gguf
 
 
 def decode_tps(path: Path, threads: int, tokens: int, runs: int) -> float:
@@ -61,19 +63,37 @@ def main():
         rows = []
         for t in ("f16", "q8_0", "tq2_0", "tq1_0"):
             out = work / f"{t}.gguf"
-            table = dict(export_gguf(work / "ckpt", out, qtype=t, tokenizer_pre="smollm"))
+            table = dict(export_gguf(work / "ckpt", out, qtype=t))
             tps = decode_tps(out, args.threads, args.tokens, args.runs)
             rows.append((t.upper(), out.stat().st_size, table["bits per linear weight"], tps))
+            out.unlink()
+        shutil.rmtree(work / "ckpt")
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
+                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                          tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                          rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=8192))
+        torch.manual_seed(0)
+        model = bitft.convert_model(AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16), lam=1.0)
+        model.save_pretrained(work / "ckpt")
+        tokenizer.save_pretrained(work / "ckpt")  # the ids past 49152 become unused entries
+        del model
+        for t in ("f16", "tq2_0"):
+            out = work / f"{t}.gguf"
+            table = dict(export_gguf(work / "ckpt", out, qtype=t))
+            tps = decode_tps(out, args.threads, args.tokens, args.runs)
+            rows.append((f"{t.upper()}, Llama-3.2-1B shape", out.stat().st_size, table["bits per linear weight"], tps))
             out.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = rows[0][3]
+    base31 = rows[4][3]
     print(f"\nllama.cpp decode, random Llama {args.layers} layers x hidden 2048 (FFN 5632), "
           f"{args.threads} threads, median of {args.runs} runs of {args.tokens} tokens\n")
     print("| linear type | file MiB | bits per linear weight | decode tokens/s | vs F16 |")
     print("|---|---|---|---|---|")
     for name, size, bits, tps in rows:
-        print(f"| {name} | {size / 2**20:.0f} | {bits} | {tps:.1f} | {tps / base:.2f}x |")
+        print(f"| {name} | {size / 2**20:.0f} | {bits} | {tps:.1f} | {tps / (base31 if 'shape' in name else base):.2f}x |")
 
 
 if __name__ == "__main__":

