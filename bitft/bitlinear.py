@@ -30,9 +30,9 @@ autocast dtype; the backward's matmuls run in that dtype (bf16 backward under bf
 Weight cache (once per optimizer step): the codes of a trainable weight are computed at its first
 forward after a change and kept packed, 2 bits per weight in the packed export's layout (int8 where
 out_features % 4 != 0), and unpacked into a temporary at each use; keyed on the Parameter's identity,
-data_ptr, `_version` (bumped by in-place optimizer updates and load_state_dict) and a global
-step counter; a torch optimizer-step pre-hook (below) frees the cache, which also catches updates
-that bypass `_version` (DeepSpeed ZeRO-2 all-gathers into flat buffers, writes through `.data`).
+data_ptr and `_version` (bumped by in-place optimizer updates and load_state_dict); a torch
+optimizer-step pre-hook (below) frees the cache, which also catches updates that bypass `_version`
+(DeepSpeed ZeRO-2 all-gathers into flat buffers, writes through `.data`).
 Gradient-accumulation micro-batches, activation-checkpoint recomputation and no_grad forwards
 (evaluation, generation) reuse the codes. The optimizer-step pre-hook frees every cached code and the
 CPU workspace (bitft.kernels) before the optimizer runs, so BitLinear holds nothing through the
@@ -81,13 +81,11 @@ def check_lambda(value: float) -> float:
 
 # ----------------------------------------------------------------------------- weight-code cache
 CACHE_WEIGHTS = True  # False: quantize the weight at every forward (tests compare the two)
-_STEP = [0]  # bumped before every optimizer step
 _CACHED: "weakref.WeakSet[BitLinear]" = weakref.WeakSet()
 
 
 def clear_weight_cache() -> None:
     """Free every cached weight code (the next forward re-quantizes into a new buffer)."""
-    _STEP[0] += 1
     for m in list(_CACHED):
         m._wcache = None
     _CACHED.clear()
@@ -223,7 +221,7 @@ class BitLinear(nn.Linear):
         w = self.weight
         if not (CACHE_WEIGHTS and w.requires_grad) or is_zero3_param(w):
             return (*weight_codes(w), False)
-        key = (id(w), w.data_ptr(), w._version, _STEP[0], w.shape, w.dtype, w.device)
+        key = (id(w), w.data_ptr(), w._version, w.shape, w.dtype, w.device)
         cache = getattr(self, "_wcache", None)
         if cache is None or cache[0] != key:
             store, inv = weight_codes(w, packed=w.shape[0] % 4 == 0)  # 2 bits per weight held, unpacked per use

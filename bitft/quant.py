@@ -9,8 +9,9 @@ The forward value is lerp(t, q(t), λ), exact at both ends (λ=0 gives t, λ=1 g
 bit); the gradient with respect to t is the identity, as the detach in the formula says.
 
 The arithmetic (float32, multiply by 1/s then divide by 1/s) is the same as transformers'
-`integrations/bitnet.py` AutoBitLinear, so a λ=1 bitft model and stock transformers agree
-bit for bit in eager mode.
+`integrations/bitnet.py` AutoBitLinear. These are the reference values: BitLinear's own forward
+(`bitft.bitlinear`, `bitft.kernels`) computes the same codes faster and, at λ=1, multiplies the
+codes and applies the scales after, in the packed export's order.
 """
 
 from __future__ import annotations
@@ -20,11 +21,6 @@ import torch
 EPS = 1e-5
 ACT_QMAX = 127
 ACT_QMIN = -128
-
-
-def weight_scale(w: torch.Tensor) -> torch.Tensor:
-    """The absmean scale s = max(mean|W|, 1e-5), a float32 scalar tensor."""
-    return w.detach().float().abs().mean().clamp(min=EPS)
 
 
 def weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,9 +44,8 @@ def packed_weight_scale(inv: torch.Tensor) -> torch.Tensor:
 
 def quantize_weight(w: torch.Tensor) -> torch.Tensor:
     """q(W): ternary values times one absmean scale, in W's dtype (no gradient)."""
-    wf = w.detach().float()
-    inv = 1.0 / wf.abs().mean().clamp(min=EPS)
-    return ((wf * inv).round().clamp(-1, 1) / inv).to(w.dtype)
+    codes, inv = weight_codes(w)
+    return (codes / inv).to(w.dtype)
 
 
 def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,9 +57,8 @@ def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_activation(x: torch.Tensor) -> torch.Tensor:
     """q(x): symmetric int8 per token (last dimension), dequantized to x's dtype (no gradient)."""
-    xf = x.detach().float()
-    scale = ACT_QMAX / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-    return ((xf * scale).round().clamp(ACT_QMIN, ACT_QMAX) / scale).to(x.dtype)
+    codes, a = activation_codes(x)
+    return (codes / a).to(x.dtype)
 
 
 class _STEBlend(torch.autograd.Function):

@@ -21,13 +21,11 @@ through `bitft eval` (WikiText-2 perplexity and a task subset). The machinery is
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
-from warmup_ablation import REPO, curves, evaluate, machine, plot, table, train, write
+from warmup_ablation import REPO, evaluate, report, run_env, train
 
 VARIANTS = ("ce", "kd", "kd_attn", "kd_attn_subln")
 
@@ -60,8 +58,7 @@ def main():
     os.chdir(REPO)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), TORCHDYNAMO_DISABLE="1",
-               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = run_env(a.threads)
     t0 = time.perf_counter()
 
     for v in a.variants:
@@ -69,18 +66,8 @@ def main():
     if a.train_only:
         return
     evals = {v: evaluate(v, str(out / v), a, out, env) for v in a.variants}
-    runs = {v: curves(out / v) for v in a.variants}
-    if len({c["tokens"] for c in runs.values()}) != 1:
-        sys.exit(f"the variants saw different numbers of tokens: { {v: c['tokens'] for v, c in runs.items()} }")
-    plot(runs, out / "distill_ablation.png")
     half = a.steps // 2
-    md = table(runs, evals, a, machine(), half, f"step {half}: the demo's λ warmup ends, CE after")
-    write(out / "distill_ablation.md", md)
-    write(out / "distill_ablation.json", json.dumps({"settings": vars(a) | {"extra": extra}, "curves": runs,
-                                                     "evals": evals}, indent=1))
-    print("\n" + md)
-    print(f"wrote {out / 'distill_ablation.png'}, {out / 'distill_ablation.md'}, {out / 'distill_ablation.json'} "
-          f"({(time.perf_counter() - t0) / 60:.1f} min this call)")
+    report("distill_ablation", evals, a, extra, out, half, f"step {half}: the demo's λ warmup ends, CE after", t0)
 
 
 if __name__ == "__main__":

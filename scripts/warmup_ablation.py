@@ -181,6 +181,26 @@ def table(runs: dict, evals: dict, a, machine: str, mid_step: int, mid_note: str
     return "\n".join(lines) + "\n"
 
 
+def run_env(threads: int) -> dict:
+    """The environment of every recipe and eval run: THREADS threads, offline, no compilation."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TORCHDYNAMO_DISABLE="1",
+                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+
+
+def report(name: str, evals: dict, a, extra: list[str], out: Path, mid_step: int, mid_note: str, t0: float) -> None:
+    """OUT/NAME.{png,md,json} from the variants' curves and EVALS; the table printed."""
+    runs = {v: curves(out / v) for v in a.variants}
+    if len({c["tokens"] for c in runs.values()}) != 1:
+        sys.exit(f"the variants saw different numbers of tokens: { {v: c['tokens'] for v, c in runs.items()} }")
+    plot(runs, out / f"{name}.png")
+    md = table(runs, evals, a, machine(), mid_step, mid_note)
+    write(out / f"{name}.md", md)
+    write(out / f"{name}.json", json.dumps({"settings": vars(a) | {"extra": extra}, "curves": runs, "evals": evals},
+                                           indent=1))
+    print("\n" + md)
+    print(f"wrote {out / name}.{{png,md,json}} ({(time.perf_counter() - t0) / 60:.1f} min this call)")
+
+
 def machine() -> str:
     import platform
 
@@ -217,8 +237,7 @@ def main():
     os.chdir(REPO)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), TORCHDYNAMO_DISABLE="1",
-               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = run_env(a.threads)
     t0 = time.perf_counter()
 
     for v in a.variants:
@@ -231,17 +250,8 @@ def main():
     for v in a.variants:
         evals[v] = evaluate(v, str(out / v), a, out, env)
 
-    runs = {v: curves(out / v) for v in a.variants}
-    if len({c["tokens"] for c in runs.values()}) != 1:
-        sys.exit(f"the variants saw different numbers of tokens: { {v: c['tokens'] for v, c in runs.items()} }")
-    plot(runs, out / "warmup_ablation.png")
-    md = table(runs, evals, a, machine(), a.warmup_steps, f"step {a.warmup_steps} = W, where linear and sigmoid reach λ = 1")
-    write(out / "warmup_ablation.md", md)
-    write(out / "warmup_ablation.json", json.dumps({"settings": vars(a) | {"extra": extra}, "curves": runs,
-                                                    "evals": evals}, indent=1))
-    print("\n" + md)
-    print(f"wrote {out / 'warmup_ablation.png'}, {out / 'warmup_ablation.md'}, {out / 'warmup_ablation.json'} "
-          f"({(time.perf_counter() - t0) / 60:.1f} min this call)")
+    report("warmup_ablation", evals, a, extra, out, a.warmup_steps,
+           f"step {a.warmup_steps} = W, where linear and sigmoid reach λ = 1", t0)
 
 
 if __name__ == "__main__":

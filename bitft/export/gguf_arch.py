@@ -15,7 +15,6 @@ a GGUF key. Other kinds (yarn, dynamic, longrope) are refused.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,20 +61,18 @@ def rope_theta(rp: dict, config: dict) -> float:
 
 
 def llama3_rope_freqs(rp: dict, head_dim: int, theta: float) -> np.ndarray:
-    """llama.cpp's rope_freqs for `llama3` scaling: the divisor of each of the head_dim/2 frequencies."""
-    factor, lo, hi = rp["factor"], rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
-    old_ctx = rp["original_max_position_embeddings"]
-    out = []
-    for i in range(0, head_dim, 2):
-        wavelen = 2 * math.pi * theta ** (i / head_dim)
-        if wavelen < old_ctx / hi:
-            out.append(1.0)
-        elif wavelen > old_ctx / lo:
-            out.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - lo) / (hi - lo)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
+    """llama.cpp's rope_freqs for `llama3` scaling: the divisor of each of the head_dim/2 frequencies,
+    from transformers' own llama3 frequencies (default ÷ scaled)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim,
+                      max_position_embeddings=int(rp["original_max_position_embeddings"] * rp["factor"]),
+                      rope_parameters={**rp, "rope_type": "llama3", "rope_theta": theta})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    default = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    return (default / scaled).numpy().astype(np.float32)
 
 
 def sliding_window_active(config: dict) -> bool:
