@@ -25,6 +25,8 @@ def _convert(args) -> None:
                                  subln=args.subln, overwrite=args.overwrite, gguf_dtype=getattr(torch, args.dtype))
     from bitft.surgery import summarize_names
 
+    if summary["family"] != "full precision":
+        print(f"bitft: {args.source} is already ternary ({summary['family']}): written as a bitft checkpoint at λ=1")
     print(_table([
         ("source", args.source),
         ("output", summary["output"]),
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a folder written by `bitft convert` or a training run, at λ=1")
     fmt = e.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--packed", action="store_true", help="transformers' BitNet format (uint8, 4 weights a byte)")
-    fmt.add_argument("--gguf", action="store_true", help="a GGUF file for llama.cpp (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma-3)")
+    fmt.add_argument("--gguf", action="store_true", help="a GGUF file for llama.cpp (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma-3, BitNet with SiLU)")
     e.add_argument("--output", "-o", required=True, help="folder (--packed) or .gguf file (--gguf) to write")
     e.add_argument("--type", default="tq2_0", help="--gguf: tq2_0 (2.06 bits), tq1_0 (1.69 bits), or the exact baselines q8_0, f16 (default tq2_0)")
     e.add_argument("--float-type", default="f16", choices=["f16", "f32"],

@@ -5,6 +5,9 @@ weight under the nn.Linear name) plus a config.json that records the conversion.
 safetensors folder copies its shards byte for byte and never loads a tensor: time is a file copy,
 memory is a meta-device skeleton. A GGUF source (or a folder with only pickled weights) is loaded
 once, dequantized by transformers, converted in place and saved: peak memory is one model.
+A source that is already ternary (bitft.families: 1bitLLM, packed, BitNet) is loaded strictly by its
+family and written as a bitft checkpoint at λ=1 (λ<1 refused); `bitft convert` says so in one line.
+A safetensors tensor that no model parameter reads is an error, never copied along silently.
 
 Every write goes to a temporary folder beside the target, renamed into place at the end.
 """
@@ -21,6 +24,7 @@ import torch
 
 from bitft.bitlinear import check_lambda
 from bitft.errors import BitftError
+from bitft.families import BITFT, FULL, PACKED, check_loading, read_config, recognize, tied_keys
 from bitft.files import INDEX, atomic_dir, check_output, copy_side_files, safetensors_header
 from bitft.sources import check_causal_lm, load_gguf, resolve_source
 from bitft.surgery import convert_model
@@ -41,8 +45,18 @@ def convert_checkpoint(source: str, output: str | os.PathLike, *, lam: float = 1
     out = Path(output)
     check_output(out, overwrite)
     path = resolve_source(source)
+    family = FULL if path.is_file() else recognize(read_config(path))
+    if family is BITFT:
+        raise BitftError(f"{source} is already a bitft checkpoint (λ={read_config(path)['bitft']['lambda']}): "
+                         "change λ with bitft.set_lambda instead of converting again")
+    if family.ternary and (lam != 1.0 or targets or exclude or subln):
+        what = f"λ={lam:g} has no meaning without full-precision weights" if lam != 1.0 else \
+            "its ternary layers are fixed, so --targets, --exclude and --subln do not apply"
+        raise BitftError(f"{source} is already ternary ({family.name}): {what}; convert it without them")
     with atomic_dir(out, overwrite) as tmp:
-        if path.is_file():
+        if family.ternary:
+            model, how = _convert_ternary(path, tmp, source, family, lam, targets, exclude, subln)
+        elif path.is_file():
             model, tokenizer = load_gguf(path, gguf_dtype)
             _convert(model, source, lam, targets, exclude, subln)
             model.save_pretrained(tmp)
@@ -52,7 +66,20 @@ def convert_checkpoint(source: str, output: str | os.PathLike, *, lam: float = 1
             model, how = _convert_folder(path, tmp, source, lam, targets, exclude, subln)
     meta = model.config.bitft
     return {"output": str(out), "architecture": type(model).__name__, "converted": meta["modules"],
-            "lambda": meta["lambda"], "subln": meta["subln"], "how": how}
+            "lambda": meta["lambda"], "subln": meta["subln"], "how": how, "family": family.name}
+
+
+def _convert_ternary(path: Path, tmp: Path, source, family, lam, targets, exclude, subln):
+    """An already-ternary model (bitft.families): loaded strictly, its ternary layers made BitLinear at λ=1.
+    Packed weights become float32 master weights (the only dtype in which they reproduce the codes and
+    scales exactly); other families keep their dtype."""
+    from bitft.sources import load_model
+
+    loaded = load_model(str(path), dtype=torch.float32 if family is PACKED else "auto", lam=lam,
+                        convert={"targets": targets, "exclude": exclude, "subln": subln})
+    copy_side_files(path, tmp)
+    loaded.model.save_pretrained(tmp)
+    return loaded.model, f"{family.name}, already ternary: loaded and written at λ=1 ({loaded.what})"
 
 
 def _convert(model, source, lam, targets, exclude, subln):
@@ -89,15 +116,19 @@ def _convert_folder(path: Path, tmp: Path, source, lam, targets, exclude, subln)
     headers = {s: safetensors_header(path / s) for s in shards}
     stored = {k: (s, v) for s, h in headers.items() for k, v in h.items() if k != "__metadata__"}
     needed = set(model.state_dict()) - {f"{n}.rms_norm.weight" for n in model.config.bitft["modules"]}
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    tied = tied_keys(model)
+    if shards and needed - tied <= set(stored):  # the byte copy would carry tensors no model reads
+        check_loading({"unexpected_keys": set(stored) - needed}, FULL, path)
     if not shards or not needed - tied <= set(stored):
         # Pickled weights (pytorch_model.bin: unpickled with weights_only, tensors and plain containers
         # only), or names that transformers renames on load: take the slow, sure path.
         try:
-            loaded = AutoModelForCausalLM.from_pretrained(path, dtype="auto", weights_only=True)
+            loaded, info = AutoModelForCausalLM.from_pretrained(path, dtype="auto", weights_only=True,
+                                                                output_loading_info=True)
         except pickle.UnpicklingError as e:
             raise BitftError(f"{path}: its pickled weights hold more than tensors, and bitft unpickles weights "
                              f"only ({str(e).splitlines()[0][:120]}); convert them to safetensors first") from None
+        check_loading(info, FULL, path, tied_keys(loaded))
         copy_side_files(path, tmp)
         _convert(loaded, source, lam, targets, exclude, subln).save_pretrained(tmp)
         return loaded, "weights loaded, converted, saved"

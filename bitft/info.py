@@ -61,12 +61,16 @@ def describe_checkpoint(path: str | os.PathLike) -> list[tuple[str, str]]:
                 n *= d
             params += n
             dtypes[v["dtype"]] = dtypes.get(v["dtype"], 0) + n
+    from bitft.families import recognize
+
+    family = recognize(config)
     meta = config.get("bitft")
     qc = config.get("quantization_config") or {}
     disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     rows = [
         ("path", str(path)),
         ("architecture", f"{(config.get('architectures') or ['?'])[0]} ({config.get('model_type')})"),
+        ("family", f"{family.name}" + ("  (already ternary: bitft loads it as BitLinear at λ=1)" if family.ternary else "")),
         ("layers x hidden", f"{config.get('num_hidden_layers')} x {config.get('hidden_size')}"),
         ("parameters", f"{params + 3 * dtypes.get('U8', 0):,} in {len(shards)} safetensors file(s)"
                        + (" (each uint8 holds 4 weights)" if "U8" in dtypes else "")),

@@ -7,9 +7,11 @@ tokenizer and a one-line description; eval, the recipes and export all go throug
 
 - A GGUF comes out dequantized (plain nn.Linear) but with transformers' GGUF quantizer attached,
   which refuses to be saved or trained: it is dropped, and the architecture it left empty named.
-- A bitft checkpoint is rebuilt by bitft's transformers quantizer (bitft.integration) at its
-  saved λ; `lam=` sets another. Anything else is converted on the fly when `convert=` is given
-  (convert_model's keyword arguments) at λ = `lam`.
+- A folder is loaded strictly, by its family (bitft.families: a tensor left unused or missing is an
+  error). A bitft checkpoint is rebuilt by bitft's transformers quantizer (bitft.integration) at its
+  saved λ; `lam=` sets another. An already-ternary family (1bitLLM, packed, BitNet) becomes BitLinear
+  at λ=1 on exactly its ternary layers. Anything else is converted on the fly when `convert=` is
+  given (convert_model's keyword arguments) at λ = `lam`.
 """
 
 from __future__ import annotations
@@ -126,34 +128,45 @@ class Loaded:
     path: Path        # the local folder or .gguf file the reference resolved to
     what: str         # one line: what kind of model this is
     converted: bool   # converted on the fly here (not a bitft checkpoint on disk)
+    family: str = "full precision"  # bitft.families: what the folder was recognized as
 
 
 def load_model(source: str, *, dtype=torch.float32, lam: float | None = None, convert: dict | None = None,
                tokenizer: str | None = None) -> Loaded:
     """Resolve SOURCE and load it once (see the module docstring). TOKENIZER overrides the source's own."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from bitft.surgery import convert_model, get_lambda, set_lambda
 
+    from bitft.families import FULL, load_folder
+
     path = resolve_source(source)
+    family, targets, note = FULL, None, ""
     if path.is_file():
         model, tok = load_gguf(path, dtype)
         what = f"GGUF {path.name} dequantized by transformers ({_dtype(dtype)})"
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        model, family, targets, note = load_folder(path, dtype)
         try:
             tok = AutoTokenizer.from_pretrained(path)
         except Exception:
             tok = None
         what = None
     meta = getattr(model.config, "bitft", None)
-    qc = getattr(model.config, "quantization_config", None)
-    qc = qc.to_dict() if hasattr(qc, "to_dict") else (qc or {})
     if meta:
         saved = meta["lambda"]
         if lam is not None:
             set_lambda(model, lam)
         what = f"bitft checkpoint, λ={get_lambda(model):g}" + (f" (saved at λ={saved:g})" if lam is not None else "")
+    elif family.ternary:
+        if lam is not None and lam != 1.0:
+            raise BitftError(f"{source} is already ternary ({family.name}): λ={lam:g} has no meaning without "
+                             "full-precision weights; start at λ=1 (lambda_schedule: constant, lambda_value: 1)")
+        if convert and (convert.get("targets") or convert.get("exclude") or convert.get("subln")):
+            raise BitftError(f"{source} is already ternary ({family.name}): its ternary layers are fixed, "
+                             "so targets, exclude and subln do not apply; remove them")
+        convert_model(model, lam=1.0, targets=targets)
+        what = f"{family.name}, already ternary: {len(targets)} BitLinear layers at λ=1" + (f"; {note}" if note else "")
     elif convert is not None:
         check_causal_lm(model.config, source)
         try:
@@ -164,11 +177,11 @@ def load_model(source: str, *, dtype=torch.float32, lam: float | None = None, co
     elif lam is not None:
         raise BitftError(f"λ={lam:g}: {source} is not a bitft checkpoint (convert it first: bitft convert)")
     elif what is None:
-        what = (f"BitNet checkpoint ({qc.get('linear_class', '?')}, {qc.get('quantization_mode', '?')})"
-                if qc.get("quant_method") == "bitnet" else f"full precision ({_dtype(next(model.parameters()).dtype)})")
+        what = f"full precision ({_dtype(next(model.parameters()).dtype)})"
     if tokenizer:
         tok = AutoTokenizer.from_pretrained(tokenizer)
-    return Loaded(model, tok, path, what, converted=bool(meta is None and convert is not None))
+    return Loaded(model, tok, path, what, converted=bool(meta is None and (convert is not None or family.ternary)),
+                  family=family.name)
 
 
 def _dtype(dtype) -> str:

