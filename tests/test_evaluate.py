@@ -112,8 +112,8 @@ def test_converted_checkpoint_at_another_lambda_and_packed_export(tmp_path, caps
     export_packed(ckpt, tmp_path / "packed")
     char_tokenizer().save_pretrained(tmp_path / "packed")
     packed = run_json(capsys, ["eval", tmp_path / "packed", *args])
-    assert packed["what"].startswith("BitNet checkpoint (bitlinear")
-    assert packed["perplexity"]["ppl"] == pytest.approx(at1["perplexity"]["ppl"], rel=1e-3)
+    assert packed["what"].startswith("packed BitNet, already ternary: 14 BitLinear layers at λ=1; scales exact on all")
+    assert packed["perplexity"]["ppl"] == at1["perplexity"]["ppl"]  # unpacked to the same forward, bit for bit
 
 
 def test_refusals(tmp_path, capsys, text_file):
