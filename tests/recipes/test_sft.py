@@ -275,3 +275,21 @@ def test_wandb_offline(tmp_path, tiny_bitft):
     assert len(runs) == 1
     data = b"".join(f.read_bytes() for f in runs[0].rglob("*.wandb"))
     assert b"train/loss" in data and b"train/lambda" in data
+
+
+@pytest.mark.slow
+def test_sft_starts_from_a_packed_checkpoint(tmp_path, tiny_bitft):
+    """A packed export (HF1BitLLM's format) as the starting model: unpacked at λ=1, trained, saved as bitft."""
+    import bitft
+    from transformers import AutoModelForCausalLM
+
+    from bitft.export.packed import export_packed
+
+    export_packed(tiny_bitft / "model", tmp_path / "packed")
+    config = sft_config(tmp_path, tiny_bitft, model_name_or_path=str(tmp_path / "packed"), max_steps=2, save_steps=2)
+    results = sft.main(["--config", str(config)])
+    logs = train_logs(tmp_path / "run")
+    assert sorted(logs) == [1, 2] and all(h["lambda"] == 1.0 and math.isfinite(h["loss"]) for h in logs.values())
+    assert results["lambda_final"] == 1.0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert bitft.get_lambda(model) == 1.0 and len(model.config.bitft["modules"]) == 14
