@@ -20,12 +20,11 @@ through `bitft eval` (WikiText-2 perplexity and a task subset). The machinery is
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
 
-from warmup_ablation import REPO, evaluate, report, run_env, train
+from warmup_ablation import REPO, base_parser, evaluate, report, run_env, train
 
 VARIANTS = ("ce", "kd", "kd_attn", "kd_attn_subln")
 
@@ -37,22 +36,10 @@ def variant_flags(name: str, a) -> list[str]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                epilog="Flags it does not know go to every recipe run (e.g. --seed 1).")
-    p.add_argument("--model", default="smollm2", help="source to convert (default: the SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--config", default="configs/demo/warmup.yaml", help="the recipe config every variant starts from")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p = base_parser(__doc__, VARIANTS, "runs/distill-ablation")
     p.add_argument("--alpha", type=float, default=0.5, help="distill_alpha of the KD variants")
     p.add_argument("--temperature", type=float, default=1.0, help="distill_temperature of the KD variants")
     p.add_argument("--attention-weight", type=float, default=1.0, help="attention_distill_weight of the *_attn variants")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per variant (equal tokens)")
-    p.add_argument("--eval-steps", type=int, default=10, help="held-out λ=1 perplexity every N steps")
-    p.add_argument("--tasks", nargs="+", default=["arc_easy", "hellaswag", "piqa"])
-    p.add_argument("--limit", type=int, default=200, help="examples per task")
-    p.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 windows")
-    p.add_argument("--ppl-seqlen", type=int, default=2048, help="tokens per WikiText-2 window")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--out", default="runs/distill-ablation")
     p.add_argument("--train-only", action="store_true", help="train the variants, evaluate and tabulate later")
     a, extra = p.parse_known_args()
     os.chdir(REPO)

@@ -212,23 +212,29 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+def base_parser(doc: str, variants, out: str) -> argparse.ArgumentParser:
+    """The flags every study script shares (this one, distill_ablation, recipe_study); each adds its own."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0],
                                 epilog="Flags it does not know go to every recipe run (e.g. --learning_rate 1e-4).")
     p.add_argument("--model", default="smollm2", help="source to convert (default: the SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--config", default="configs/demo/warmup.yaml", help="the recipe config every variant starts from")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(variants), choices=variants)
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per variant (equal tokens)")
-    p.add_argument("--warmup-steps", type=int, help="W: steps until λ reaches 1 (default: half of --steps)")
-    p.add_argument("--k", type=float, default=10.0, help="sigmoid slope")
     p.add_argument("--eval-steps", type=int, default=10, help="held-out λ=1 perplexity every N steps")
     p.add_argument("--tasks", nargs="+", default=["arc_easy", "hellaswag", "piqa"])
     p.add_argument("--limit", type=int, default=200, help="examples per task")
     p.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 windows")
     p.add_argument("--ppl-seqlen", type=int, default=2048, help="tokens per WikiText-2 window")
-    p.add_argument("--no-original", action="store_true", help="skip evaluating the original model")
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--out", default="runs/warmup-ablation")
+    p.add_argument("--out", default=out)
+    return p
+
+
+def main():
+    p = base_parser(__doc__, VARIANTS, "runs/warmup-ablation")
+    p.add_argument("--warmup-steps", type=int, help="W: steps until λ reaches 1 (default: half of --steps)")
+    p.add_argument("--k", type=float, default=10.0, help="sigmoid slope")
+    p.add_argument("--no-original", action="store_true", help="skip evaluating the original model")
     a, extra = p.parse_known_args()
     if a.warmup_steps is None:
         a.warmup_steps = a.steps // 2
