@@ -73,6 +73,8 @@ class DistillArguments:
         "help": "teacher model (same tokenizer); default: the model the run starts from, in full precision"})
     teacher_dtype: str | None = field(default=None, metadata={"help": "teacher dtype (default: the master weights')"})
     distill_chunk_size: int = field(default=1024, metadata={"help": "positions per chunk of teacher logits"})
+    distill_recompute: bool = field(default=False, metadata={
+        "help": "recompute each chunk's KD gradient in the backward pass instead of holding one logits-sized tensor"})
 
     def __post_init__(self):
         if not 0.0 <= self.distill_alpha <= 1.0:

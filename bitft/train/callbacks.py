@@ -47,18 +47,29 @@ def ternary_lambda() -> LambdaCallback:
 
 
 class ThroughputCallback(TrainerCallback):
-    """Tokens seen (the Trainer's own count, all processes; `include_num_input_tokens_seen`) and
-    tokens/s since the previous log."""
+    """Tokens seen (the Trainer's own count, all processes; `include_num_input_tokens_seen`),
+    tokens/s since the previous log, and `step_cpu_seconds`: this process's CPU time (all its threads)
+    inside optimizer steps so far, evaluations and saving excluded. CPU time barely moves when other
+    jobs share the machine, so runs compared by it need not run alone (scripts/recipe_study.py)."""
 
     def __init__(self):
-        self._t = self._tokens = None
+        self._t = self._tokens = self._step_t = None
+        self.step_cpu = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_t = time.process_time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._step_t is not None:
+            self.step_cpu += time.process_time() - self._step_t
+            self._step_t = None
+
     def log_extras(self, state) -> dict:
         now, tokens = time.perf_counter(), int(state.num_input_tokens_seen)
-        out = {"tokens_seen": tokens}
+        out = {"tokens_seen": tokens, "step_cpu_seconds": round(self.step_cpu, 2)}
         if self._t is not None and tokens > self._tokens and now > self._t:
             out["tokens_per_second"] = round((tokens - self._tokens) / (now - self._t), 1)
         self._t, self._tokens = now, tokens

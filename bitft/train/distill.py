@@ -5,10 +5,11 @@ The training loss of a distilled run, per token t that the cross-entropy counts 
     L = (1 − α) · CE  +  α · τ² · KL(softmax(z_T/τ) ‖ softmax(z_S/τ))  +  w · L_attn
 
 z_T / z_S: the teacher's / student's next-token logits (α = `distill_alpha`, τ =
-`distill_temperature`, w = `attention_distill_weight`). The teacher's logits are computed from its
-last hidden state one chunk of positions at a time (`distill_chunk_size`), and each chunk's KL is
-recomputed in the backward pass (activation checkpointing), so a 128k vocabulary never holds more
-than one extra logits chunk.
+`distill_temperature`, w = `attention_distill_weight`). The teacher runs under
+`inference_mode`; its logits are computed from its last hidden state one chunk of positions at a
+time (`distill_chunk_size`), once: each chunk's gradient τ·(p_S − p_T) is written in the forward pass
+into one logits-sized tensor. `distill_recompute: true` holds no such tensor and recomputes each
+chunk in the backward pass instead (a 128k vocabulary at long sequences: memory over time).
 
 L_attn is MiniLM-v2's multi-head self-attention relation distillation at one layer (default the
 last): for X in {Q, K, V} (the layer's q/k/v projection outputs, captured by forward hooks, so any
@@ -95,22 +96,33 @@ def _chunks(mask: torch.Tensor, chunk_size: int):
 
 
 class _ChunkedKD(torch.autograd.Function):
-    """τ² Σ KL(p_T ‖ p_S) one chunk at a time; the backward recomputes each chunk's softmaxes and writes
-    ∂/∂z_S = τ · (p_S − p_T) (masked), so no chunk's intermediates outlive it."""
+    """τ² Σ KL(p_T ‖ p_S) one chunk at a time, with ∂/∂z_S = τ · (p_S − p_T) (masked). KEEP: each chunk's
+    gradient is written in the forward pass into one logits-sized tensor (teacher logits and softmaxes
+    computed once); else the backward recomputes each chunk (no logits-sized tensor held)."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_hidden, weight, bias, mask, temperature, chunk_size):
+    def forward(ctx, student_logits, teacher_hidden, weight, bias, mask, temperature, chunk_size, keep):
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        grad = torch.zeros_like(student_logits) if keep else None
         for b, i in _chunks(mask, chunk_size):
             log_p_t, log_p_s = _log_probs(student_logits, teacher_hidden, weight, bias, temperature, b, i, chunk_size)
-            kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-            total += (kl * mask[b, i:i + chunk_size]).sum()
-        ctx.save_for_backward(student_logits, teacher_hidden, weight, mask, *([] if bias is None else [bias]))
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+            p_t = log_p_t.exp()
+            m = mask[b, i:i + chunk_size]
+            total += ((p_t * (log_p_t - log_p_s)).sum(-1) * m).sum()
+            if keep:
+                grad[b, i:i + chunk_size] = ((log_p_s.exp() - p_t) * (temperature * m[:, None])).to(grad.dtype)
+        if keep:
+            ctx.save_for_backward(grad)
+        else:
+            ctx.save_for_backward(student_logits, teacher_hidden, weight, mask, *([] if bias is None else [bias]))
+        ctx.temperature, ctx.chunk_size, ctx.keep = temperature, chunk_size, keep
         return total * temperature ** 2
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.keep:
+            (grad,) = ctx.saved_tensors
+            return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
         student_logits, teacher_hidden, weight, mask, *bias = ctx.saved_tensors
         bias = bias[0] if bias else None
         tau, size = ctx.temperature, ctx.chunk_size
@@ -119,7 +131,7 @@ class _ChunkedKD(torch.autograd.Function):
             log_p_t, log_p_s = _log_probs(student_logits, teacher_hidden, weight, bias, tau, b, i, size)
             g = (log_p_s.exp() - log_p_t.exp()) * (tau * mask[b, i:i + size, None] * grad_out)
             grad[b, i:i + size] = g.to(grad.dtype)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _log_probs(student_logits, teacher_hidden, weight, bias, tau, b, i, size):
@@ -128,15 +140,16 @@ def _log_probs(student_logits, teacher_hidden, weight, bias, tau, b, i, size):
 
 
 def kd_loss_sum(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, lm_head: nn.Linear, mask: torch.Tensor,
-                temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+                temperature: float = 1.0, chunk_size: int = 1024, keep_grad: bool = True) -> torch.Tensor:
     """τ² · Σ over masked positions of KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), teacher logits = lm_head(hidden).
 
     [B, T, V] student logits, [B, T, H] teacher hidden states, [B, T] mask. Each row is cut into
     chunks of CHUNK_SIZE positions; a chunk's teacher logits and softmaxes exist only while it is
-    computed, in the forward and again in the backward pass (which needs no autograd graph)."""
+    computed. KEEP_GRAD: the gradient is kept from the forward pass (one more logits-sized tensor);
+    else it is recomputed chunk by chunk in the backward pass (the teacher's lm_head runs twice)."""
     return _ChunkedKD.apply(student_logits, teacher_hidden.detach(), lm_head.weight.detach(),
                             None if lm_head.bias is None else lm_head.bias.detach(), mask.bool(),
-                            float(temperature), int(chunk_size))
+                            float(temperature), int(chunk_size), bool(keep_grad))
 
 
 def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, mask: torch.Tensor) -> torch.Tensor:
@@ -207,11 +220,13 @@ class DistillMixin:
     distill_temperature: float = 1.0
     attention_weight: float = 0.0
     distill_chunk_size: int = 1024
+    distill_recompute: bool = False
 
     def setup_distillation(self, teacher: nn.Module, args) -> None:
         self.teacher = teacher.to(self.accelerator.device)
         self.distill_alpha, self.distill_temperature = args.distill_alpha, args.distill_temperature
         self.attention_weight, self.distill_chunk_size = args.attention_distill_weight, args.distill_chunk_size
+        self.distill_recompute = getattr(args, "distill_recompute", False)
         self._distill_sums: dict[str, float] = {}
         self._distill_count = 0
         if self.attention_weight:
@@ -239,15 +254,16 @@ class DistillMixin:
         labels = inputs["labels"]
         mask = labels[:, 1:] != -100  # the tokens the cross-entropy counts (SFT: the completions)
         attention_mask = inputs.get("attention_mask")
-        with torch.no_grad():
-            teacher_kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        teacher_kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        # inference_mode (no version counters, no views tracked) unless the backward recomputes from the hidden states
+        with torch.no_grad() if (self.distill_recompute or self.attention_weight) else torch.inference_mode():
             hidden = self.teacher.base_model(**teacher_kwargs).last_hidden_state
         scale, share = self._scale(num_items_in_batch, int(mask.sum()))
         loss = ce * (1 - self.distill_alpha)
         terms = {"ce_loss": ce.detach().float()}
         if self.distill_alpha > 0:
             kd_sum = kd_loss_sum(outputs.logits[:, :-1], hidden[:, :-1], self.teacher.get_output_embeddings(), mask,
-                                 self.distill_temperature, self.distill_chunk_size)
+                                 self.distill_temperature, self.distill_chunk_size, keep_grad=not self.distill_recompute)
             kd = kd_sum * scale
             loss = loss + self.distill_alpha * kd
             terms["kd_loss"] = kd.detach()
