@@ -119,10 +119,11 @@ def _run_line(folder: Path, run: dict) -> str:
                      + (", ".join(f"`--{f}`" for f in given.get("flags") or []) or "none") + ")")
     if "steps" in r:
         parts.append(f"{r['steps']:,} optimizer steps")
-    logged = [h["num_tokens"] for h in state.get("log_history", []) if "num_tokens" in h]  # TRL's count
-    tokens = r.get("tokens") or state.get("num_input_tokens_seen") or (logged[-1] if logged else None)
+    logged = [h for h in state.get("log_history", []) if "num_tokens" in h]  # TRL's count, padding left out
+    tokens = r.get("tokens") or (logged[-1]["num_tokens"] if logged else None) or state.get("num_input_tokens_seen")
     if tokens:
-        parts.append(f"{int(tokens):,} tokens trained")
+        late = logged and not r.get("tokens") and logged[-1].get("step") != r.get("steps")
+        parts.append(f"{int(tokens):,} tokens trained" + (f" (by step {logged[-1]['step']}, its last log)" if late else ""))
     if r.get("distill"):
         parts.append(f"distilled from {r['distill']['teacher']} (α={r['distill']['alpha']:g})")
     figures = []
@@ -162,15 +163,14 @@ def _facts(config: dict) -> list[tuple[str, str]]:
 
 
 def _packed_bits(folder: Path, modules: list[str]) -> str:
+    """Bits per linear weight of a packed export: (uint8 codes + scales) / weights, from its safetensors headers."""
     from bitft.files import safetensors_header
 
-    names, width = {f"{m}.{w}" for m in modules for w in ("weight", "weight_scale")}, {"U8": 1, "F32": 4, "F16": 2, "BF16": 2}
-    n = bytes_ = 0
-    for shard in folder.glob("*.safetensors"):
-        for k, v in ((k, v) for k, v in safetensors_header(shard).items() if k in names):
-            size = width[v["dtype"]] * prod(v["shape"])
-            bytes_, n = bytes_ + size, n + 4 * size * (v["dtype"] == "U8")
-    return f"{8 * bytes_ / max(n, 1):.3f} ({n:,} ternary weights, 4 a byte, and one scale per layer)"
+    names = {f"{m}.{w}" for m in modules for w in ("weight", "weight_scale")}
+    found = [v for s in folder.glob("*.safetensors") for k, v in safetensors_header(s).items() if k in names]
+    stored = sum({"U8": 1, "F32": 4, "F16": 2, "BF16": 2}[v["dtype"]] * prod(v["shape"]) for v in found)
+    n = sum(4 * prod(v["shape"]) for v in found if v["dtype"] == "U8")
+    return f"{8 * stored / max(n, 1):.3f} ({n:,} ternary weights, 4 a byte, and one scale per layer)"
 
 
 def _gguf_facts(path: Path, config: dict) -> tuple[list[tuple[str, str]], str]:
