@@ -34,7 +34,7 @@ from bitft.errors import BitftError
 TAGS = ["bitnet", "1.58-bit", "bitft"]
 RECIPES = {"warmup": "recipes/warmup_10B.py", "sft": "recipes/sft.py", "dpo": "recipes/dpo.py"}
 HISTORY = "## Where it came from"
-HELD_OUT = ("eval_loss", "eval_perplexity", "eval_rewards/accuracies", "eval_rewards/margins")
+HELD_OUT = {"dpo": ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")}  # (exp of a DPO loss is no perplexity)
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -127,7 +127,7 @@ def _run_line(folder: Path, run: dict) -> str:
     if r.get("distill"):
         parts.append(f"distilled from {r['distill']['teacher']} (α={r['distill']['alpha']:g})")
     figures = []
-    for key in HELD_OUT:
+    for key in HELD_OUT.get(run["name"], ("eval_loss", "eval_perplexity")):
         before, after, merged = ((r.get(k) or {}).get(key) for k in ("before", "after", "after_merged"))
         if after is not None:
             figures.append(f"{key[5:]} {_num(before) + ' → ' if before is not None else ''}{_num(after)}")
