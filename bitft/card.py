@@ -63,10 +63,19 @@ def _front(meta: dict | None) -> dict:
     return {k: meta[k] for k in ("base_model", "license", "license_name", "license_link") if (meta or {}).get(k)}
 
 
+def _readme(path) -> dict:
+    """The YAML front matter of a README (the source's own), {} when it has none or it does not parse."""
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        return (metadata_load(path) or {}) if path and Path(path).is_file() else {}
+    except Exception:
+        return {}
+
+
 def _ref(ref: str, depth: int = 0) -> tuple[dict, list[str]]:
     """(base_model / license, history lines) of the model reference REF a stage started from."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.repocard import metadata_load
 
     from bitft.gguf_header import read_header
     from bitft.sources import SMOLLM2, embedded_smollm2
@@ -79,8 +88,7 @@ def _ref(ref: str, depth: int = 0) -> tuple[dict, list[str]]:
         if _run(p) and depth < 8:  # a run's output without a card
             return _from_files(p, depth + 1)
         hub = re.search(r"models--([^/]+)--([^/]+)/snapshots/", str(p.resolve()))  # a hub download
-        readme = (metadata_load(p / "README.md") if (p / "README.md").is_file() else None) or {}
-        return _front({**readme, "base_model": f"{hub[1]}/{hub[2]}" if hub else None}), []
+        return _front({**_readme(p / "README.md"), "base_model": f"{hub[1]}/{hub[2]}" if hub else None}), []
     if p.is_file() and p.suffix == ".gguf":
         return _front({"license": read_header(p)[0].get("general.license")}), []
     if not HUB_ID.fullmatch(ref):
@@ -91,7 +99,7 @@ def _ref(ref: str, depth: int = 0) -> tuple[dict, list[str]]:
             readme = hf_hub_download(ref, "README.md")
         except Exception:  # offline, gated, no README: no licence stated
             readme = None
-    return _front({**((metadata_load(readme) or {}) if readme else {}), "base_model": ref}), []
+    return _front({**_readme(readme), "base_model": ref}), []
 
 
 def _run(folder: Path) -> dict | None:
