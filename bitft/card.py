@@ -39,9 +39,9 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def card_path(target) -> Path:
-    """README.md inside a folder; NAME.md beside NAME.gguf."""
+    """README.md inside a folder; NAME.md beside a file NAME.gguf (or NAME.EXT, NAME)."""
     target = Path(target)
-    return target.with_suffix(".md") if target.suffix == ".gguf" else target / "README.md"
+    return target.with_suffix(".md") if target.suffix == ".gguf" or target.is_file() else target / "README.md"
 
 
 def read_card(target) -> tuple[dict, list[str]]:
@@ -224,7 +224,7 @@ def write_card(target, checkpoint, *, name: str | None = None, source: str | Non
     base = Path(json.loads(adapter.read_text())["base_model_name_or_path"]) if adapter.is_file() else ckpt
     config = json.loads((base / "config.json").read_text())
     meta, lines = _ref(source) if source is not None else _from_files(ckpt) if target == ckpt else _ref(str(ckpt))
-    if target.suffix == ".gguf":
+    if target.is_file():  # a GGUF
         kind, (facts, types) = "gguf", _gguf_facts(target, config)
         lines = lines + [f"- exported by `bitft export --gguf` ({types}) from `{ckpt}`"]
     elif source is None and target != ckpt:

@@ -131,3 +131,5 @@ def test_gguf_card_never_replaces_a_file_that_is_not_a_bitft_card(gguf_export, t
     for _ in range(2):  # its own card is replaced
         assert write_card(tmp_path / "other.gguf", tmp / "ckpt") == tmp_path / "other.md"
     assert read_card(tmp_path / "other.gguf")[0]["library_name"] == "gguf"
+    (tmp_path / "named.bin").symlink_to(tmp / "m.gguf")  # `-o FILE` need not end in .gguf
+    assert write_card(tmp_path / "named.bin", tmp / "ckpt") == tmp_path / "named.md"
