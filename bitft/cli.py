@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _table(rows) -> str:
@@ -35,6 +36,7 @@ def _convert(args) -> None:
         ("lambda", f"{summary['lambda']:g}"),
         ("SubLN", "on" if summary["subln"] else "off"),
         ("how", summary["how"]),
+        ("model card", str(Path(summary["output"]) / "README.md")),
         ("seconds", f"{time.perf_counter() - t0:.1f}"),
     ]))
 
@@ -55,7 +57,9 @@ def _export(args) -> None:
 
         rows = export_gguf(args.checkpoint, args.output, qtype=args.type, float_type=args.float_type,
                            tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite, merge_lora=args.merge_lora)
-    print(_table([("output", args.output), *rows]))
+    from bitft.card import card_path
+
+    print(_table([("output", args.output), *rows, ("model card", str(card_path(args.output)))]))
 
 
 def _plot_schedule(args) -> None:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
+from transformers import TrainingArguments
 from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
 
 from bitft.errors import ConfigError
@@ -174,6 +177,7 @@ def parse_config(types, argv: list[str] | None = None):
     import yaml
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    values: dict = {}
     parser = TrlParser(types)
     known = {f.name for t in parser.dataclass_types for f in dataclasses.fields(t) if f.init}
     if "--config" in argv:
@@ -198,6 +202,49 @@ def parse_config(types, argv: list[str] | None = None):
             if name not in known and not (name.startswith("no_") and name[3:] in known):
                 raise ConfigError(f"unknown flag {_unknown(name, known, '--')}")
     try:
-        return parser.parse_args_and_config(argv)
+        parsed = parser.parse_args_and_config(argv)
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0]) from None
+    _record(parsed, argv, values if "--config" in argv else {})
+    return parsed
+
+
+def _plain(v):
+    """A value yaml.safe_dump writes: enums by their value, containers element by element, others as text."""
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+
+
+def _record(parsed, argv: list[str], values: dict) -> None:
+    """Attach to the parsed TrainingArguments (`bitft_recipe`) what the run was given: the config file, the
+    flags, and the value each given key took; `save_recipe_config` writes it beside the final model."""
+    flags = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and a != "--config"]
+    known = {f.name for obj in parsed for f in dataclasses.fields(obj)}
+    given = (set(values) - {"env"}) | {f[3:] if f.startswith("no_") and f not in known else f for f in flags}
+    chosen = {}
+    for obj in parsed:
+        chosen.update({f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name in given})
+    file = argv[argv.index("--config") + 1] if "--config" in argv else None
+    for obj in parsed:
+        if isinstance(obj, TrainingArguments):
+            obj.bitft_recipe = {"file": str(Path(file).resolve()) if file else None, "flags": flags, "values": chosen}
+
+
+def save_recipe_config(args, name: str, results: dict) -> None:
+    """Write OUTPUT_DIR/NAME_config.yaml, the keys the run was given (config file and flags) with the values it used
+    (a valid --config for the same recipe), and note in RESULTS which file and flags they came from."""
+    import yaml
+
+    record = getattr(args, "bitft_recipe", None)
+    if record is None:
+        return
+    path = Path(args.output_dir) / f"{name}_config.yaml"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(record["values"], sort_keys=True, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
+    results["config"] = {"file": record["file"], "flags": record["flags"]}

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bitft.bitlinear import check_lambda
+from bitft.card import write_card
 from bitft.errors import BitftError
 from bitft.families import BITFT, FULL, PACKED, check_loading, read_config, recognize, tied_keys
 from bitft.files import INDEX, atomic_dir, check_output, copy_side_files, safetensors_header
@@ -64,6 +65,7 @@ def convert_checkpoint(source: str, output: str | os.PathLike, *, lam: float = 1
             how = "GGUF loaded, dequantized, converted, saved"
         else:
             model, how = _convert_folder(path, tmp, source, lam, targets, exclude, subln)
+        write_card(tmp, tmp, name=out.name, source=source)
     meta = model.config.bitft
     return {"output": str(out), "architecture": type(model).__name__, "converted": meta["modules"],
             "lambda": meta["lambda"], "subln": meta["subln"], "how": how, "family": family.name}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bitft.card import write_card
 from bitft.errors import BitftError
 from bitft.export.gguf_arch import arch_of, check_config, write_hparams
 from bitft.export.gguf_vocab import bpe_vocab
@@ -140,6 +141,7 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+    write_card(out, ckpt)
     return gguf_size_table(counts, out) + [("architecture", f"{gguf.MODEL_ARCH_NAMES[model_arch]}, pre-tokenizer {pre}")]
 
 

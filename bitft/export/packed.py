@@ -18,6 +18,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from bitft.card import write_card
 from bitft.errors import BitftError
 from bitft.files import atomic_dir, copy_side_files, safetensors_header
 from bitft.quant import pack_ternary, ternarize
@@ -116,6 +117,7 @@ def export_packed(checkpoint, output, *, overwrite: bool = False, merge_lora: bo
         save_torch_state_dict(state, tmp, max_shard_size="5GB")
         copy_side_files(source, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_card(tmp, ckpt, name=Path(output).name)
     return size_table(counts, Path(output))
 
 

@@ -140,15 +140,21 @@ def train_and_evaluate(trainer, resume=None, evaluate: bool = True) -> dict:
 
 
 def finish_run(trainer, results: dict, name: str, report) -> dict:
-    """Save the final model and the trainer state; on the main process write NAME_results.json
-    (beside, then renamed) and REPORT(results) to the console."""
+    """Save the final model and the trainer state; on the main process write NAME_config.yaml (the keys the
+    run was given), NAME_results.json (beside, then renamed), the model card (README.md, bitft.card) and
+    REPORT(results) to the console."""
     trainer.save_model(trainer.args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
+        from bitft.card import write_card
+        from bitft.config import save_recipe_config
+
+        save_recipe_config(trainer.args, name, results)
         path = Path(trainer.args.output_dir) / f"{name}_results.json"
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(results, indent=1))
         os.replace(tmp, path)
+        write_card(path.parent, path.parent)
         report(results)
     return results
 
