@@ -34,7 +34,8 @@ def _convert(args) -> None:
         ("architecture", summary["architecture"]),
         ("BitLinear layers", f"{len(summary['converted'])}: {summarize_names(summary['converted'])}"),
         ("lambda", f"{summary['lambda']:g}"),
-        ("SubLN", "on" if summary["subln"] else "off"),
+        ("SubLN", {False: "off", True: "on (before every BitLinear)",
+                   "bitnet": "bitnet (before o_proj and down_proj: the model is now a BitNet)"}[summary["subln"]]),
         ("how", summary["how"]),
         ("model card", str(Path(summary["output"]) / "README.md")),
         ("seconds", f"{time.perf_counter() - t0:.1f}"),
@@ -163,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-regex", help="convert only linear layers whose full name matches this regex")
     c.add_argument("--exclude", nargs="+", help="keep these linear layers full precision: exact names or suffixes")
     c.add_argument("--exclude-regex", help="keep linear layers whose full name matches this regex full precision")
-    c.add_argument("--subln", action="store_true", help="add an RMSNorm before each activation quantizer (SubLN)")
+    c.add_argument("--subln", nargs="?", const="all", default=False, choices=["all", "bitnet"],
+                   help="add RMSNorms before activation quantizers (SubLN): all (the default of the bare flag: before "
+                        "every BitLinear) or bitnet (two per block, before o_proj and down_proj: a Llama becomes a "
+                        "BitNet that llama.cpp's bitnet graph runs)")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype a GGUF source is dequantized to (a safetensors folder keeps its own; default float32)")
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

@@ -37,7 +37,9 @@ class ModelArguments(ModelConfig):
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "tokenizer, when the model source has none"})
     targets: list[str] | None = field(default=None, metadata={"help": "on-the-fly conversion: linear layers to convert (names or suffixes)"})
     exclude: list[str] | None = field(default=None, metadata={"help": "on-the-fly conversion: linear layers to keep full precision"})
-    subln: bool = field(default=False, metadata={"help": "on-the-fly conversion: add SubLN before each activation quantizer"})
+    subln: str = field(default="false", metadata={
+        "help": "on-the-fly conversion: SubLN false, true (a norm before every BitLinear) or bitnet (before o_proj "
+                "and down_proj: a Llama becomes a BitNet)"})
 
     def torch_dtype(self):
         """The master weights' dtype for from_pretrained ("auto" keeps the checkpoint's)."""
@@ -45,7 +47,12 @@ class ModelArguments(ModelConfig):
 
     def conversion(self) -> dict:
         """convert_model's keyword arguments for a source that is not a bitft checkpoint yet."""
-        return {"targets": self.targets, "exclude": self.exclude, "subln": self.subln}
+        from bitft.subln import parse_subln
+
+        try:
+            return {"targets": self.targets, "exclude": self.exclude, "subln": parse_subln(self.subln)}
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass

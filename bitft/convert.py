@@ -28,6 +28,7 @@ from bitft.errors import BitftError
 from bitft.families import BITFT, FULL, PACKED, check_loading, read_config, recognize, tied_keys
 from bitft.files import INDEX, atomic_dir, check_output, copy_side_files, safetensors_header
 from bitft.sources import check_causal_lm, load_gguf, resolve_source
+from bitft.subln import parse_subln
 from bitft.surgery import convert_model
 
 SUBLN_SHARD = "bitft-subln.safetensors"
@@ -41,6 +42,7 @@ def convert_checkpoint(source: str, output: str | os.PathLike, *, lam: float = 1
     """
     try:
         lam = check_lambda(lam)
+        subln = parse_subln(subln)
     except ValueError as e:
         raise BitftError(str(e)) from None
     out = Path(output)
@@ -59,7 +61,7 @@ def convert_checkpoint(source: str, output: str | os.PathLike, *, lam: float = 1
             model, how = _convert_ternary(path, tmp, source, family, lam, targets, exclude, subln)
         elif path.is_file():
             model, tokenizer = load_gguf(path, gguf_dtype)
-            _convert(model, source, lam, targets, exclude, subln)
+            model = _convert(model, source, lam, targets, exclude, subln)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             how = "GGUF loaded, dequantized, converted, saved"
@@ -68,7 +70,7 @@ def convert_checkpoint(source: str, output: str | os.PathLike, *, lam: float = 1
         write_card(tmp, tmp, name=out.name, source=source)
     meta = model.config.bitft
     return {"output": str(out), "architecture": type(model).__name__, "converted": meta["modules"],
-            "lambda": meta["lambda"], "subln": meta["subln"], "how": how, "family": family.name}
+            "lambda": meta["lambda"], "subln": parse_subln(subln), "how": how, "family": family.name}
 
 
 def _convert_ternary(path: Path, tmp: Path, source, family, lam, targets, exclude, subln):
@@ -87,10 +89,9 @@ def _convert_ternary(path: Path, tmp: Path, source, family, lam, targets, exclud
 def _convert(model, source, lam, targets, exclude, subln):
     check_causal_lm(model.config, source)
     try:
-        convert_model(model, lam=lam, targets=targets, exclude=exclude, subln=subln)
+        return convert_model(model, lam=lam, targets=targets, exclude=exclude, subln=subln)
     except ValueError as e:
         raise BitftError(str(e)) from None
-    return model
 
 
 def _meta_model(path: Path, source, lam, targets, exclude, subln):
@@ -121,7 +122,7 @@ def _convert_folder(path: Path, tmp: Path, source, lam, targets, exclude, subln)
     tied = tied_keys(model)
     if shards and needed - tied <= set(stored):  # the byte copy would carry tensors no model reads
         check_loading({"unexpected_keys": set(stored) - needed}, FULL, path)
-    if not shards or not needed - tied <= set(stored):
+    if not shards or not needed - tied <= set(stored):  # (subln="bitnet" adds norms: loaded and saved too)
         # Pickled weights (pytorch_model.bin: unpickled with weights_only, tensors and plain containers
         # only), or names that transformers renames on load: take the slow, sure path.
         try:
@@ -132,8 +133,9 @@ def _convert_folder(path: Path, tmp: Path, source, lam, targets, exclude, subln)
                              f"only ({str(e).splitlines()[0][:120]}); convert them to safetensors first") from None
         check_loading(info, FULL, path, tied_keys(loaded))
         copy_side_files(path, tmp)
-        _convert(loaded, source, lam, targets, exclude, subln).save_pretrained(tmp)
-        return loaded, "weights loaded, converted, saved"
+        converted = _convert(loaded, source, lam, targets, exclude, subln)
+        converted.save_pretrained(tmp)
+        return converted, "weights loaded, converted, saved"
 
     # transformers reads a lone model.safetensors before any index: with a SubLN shard beside it,
     # the copy takes another name so that the index is what gets read.

@@ -165,12 +165,12 @@ def load_model(source: str, *, dtype=torch.float32, lam: float | None = None, co
         if convert and (convert.get("targets") or convert.get("exclude") or convert.get("subln")):
             raise BitftError(f"{source} is already ternary ({family.name}): its ternary layers are fixed, "
                              "so targets, exclude and subln do not apply; remove them")
-        convert_model(model, lam=1.0, targets=targets)
+        model = convert_model(model, lam=1.0, targets=targets)
         what = f"{family.name}, already ternary: {len(targets)} BitLinear layers at λ=1" + (f"; {note}" if note else "")
     elif convert is not None:
         check_causal_lm(model.config, source)
         try:
-            convert_model(model, lam=1.0 if lam is None else lam, **convert)
+            model = convert_model(model, lam=1.0 if lam is None else lam, **convert)
         except ValueError as e:
             raise BitftError(str(e)) from None
         what = f"{what or 'full precision'}, converted on the fly ({len(model.config.bitft['modules'])} BitLinear layers)"

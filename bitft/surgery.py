@@ -138,9 +138,19 @@ def convert_model(model: nn.Module, *, lam: float = 1.0, targets=None, exclude=N
     """Swap the decoder's linear layers for BitLinear, in place; returns the model.
 
     lam: λ in [0, 1]. targets/exclude: peft-style selection (see the module docstring).
-    subln: add an RMSNorm before the activation quantizer (changes the function even at λ=0).
+    subln: True adds an RMSNorm before every activation quantizer; "bitnet" places two per block (before
+    o_proj and down_proj, bitft.subln): a Llama then becomes a BitNetForCausalLM, returned in its place
+    (sharing the Parameters). Either changes the function even at λ=0.
     """
+    from bitft.subln import parse_subln, to_bitnet
+
     lam = check_lambda(lam)
+    subln = parse_subln(subln)
+    if subln == "bitnet":
+        if bit_linears(model):
+            raise ValueError("the model already has BitLinear layers: it was converted before (use bitft.set_lambda to change λ)")
+        select_modules(model, targets, exclude)  # the whole request is checked before the new model is built
+        model, subln = to_bitnet(model), False
     if bit_linears(model):
         raise ValueError("the model already has BitLinear layers: it was converted before (use bitft.set_lambda to change λ)")
     if not hasattr(model, "config"):

@@ -9,7 +9,8 @@ Every variant is the warmup recipe (recipes/warmup_10B.py, configs/demo/warmup.y
 as that budget buys at its own cost per step, so each run completes its own LR and λ schedules within
 it. Time is process CPU time inside optimizer steps (`step_cpu_seconds`, bitft.train.callbacks): other
 jobs on the machine barely move it, where wall-clock would be slowed 3-10x; on an idle machine the wall
-minutes of a step are its CPU minutes / threads. Costs per step come from a short probe per cost class
+minutes of a step are its CPU minutes. Use --threads 1: with several threads, OpenMP's waiting threads
+spin, and a busy machine then inflates CPU time too. Costs per step come from a short probe per cost class
 (CE at λ<1, CE at λ=1, distillation at λ=1).
 
     round 1   every variant at --first-fraction of the budget       (held-out λ=1 perplexity at its end)
@@ -106,7 +107,7 @@ def main():
     p.add_argument("--first-fraction", type=float, default=0.25, help="round 1 budget, a fraction of the plain run's")
     p.add_argument("--keep", type=int, default=2, help="variants promoted to the full budget")
     p.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds of round 2 (round 1 uses the first)")
-    p.add_argument("--probe-steps", type=int, default=8, help="steps of each cost probe")
+    p.add_argument("--probe-steps", type=int, default=6, help="steps of each cost probe")
     a, extra = p.parse_known_args()
     import os
 

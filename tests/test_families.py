@@ -196,3 +196,67 @@ def test_1bitllm_runs_in_llama_cpps_bitnet_graph(tmp_path, smollm2_folder, capsy
     bitft.convert.convert_checkpoint(str(relu2), tmp_path / "relu2-ckpt")
     err = cli_refuses(capsys, tmp_path, ["export", tmp_path / "relu2-ckpt", "--gguf", "--output", tmp_path / "r.gguf"])
     assert "relu2" in err and "bitnet.cpp" in err
+
+
+def test_subln_bitnet_placement_makes_a_llama_a_bitnet(tmp_path, capsys):
+    """--subln bitnet: two sub-norms per block (before o_proj and down_proj), the model a BitNetForCausalLM
+    with SiLU that reloads, trains as usual and loads in stock transformers' BitNet (online) to rounding."""
+    from bitft.cli import main
+
+    src = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(src)
+    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--subln", "bitnet"]) == 0
+    assert "bitnet (before o_proj and down_proj" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["architectures"] == ["BitNetForCausalLM"] and cfg["hidden_act"] == "silu" and not cfg["bitft"]["subln"]
+    keys = set(load_file(tmp_path / "out" / "model.safetensors"))
+    assert {f"model.layers.{i}.{n}.weight" for i in (0, 1) for n in ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")} <= keys
+    ours = load_model(str(tmp_path / "out"))
+    assert ours.family == "bitft checkpoint" and len(ours.model.config.bitft["modules"]) == 14
+    # with norms of weight 1 the model is a Llama with RMSNorm(x) fed to o_proj and down_proj
+    with torch.no_grad():
+        for n, p in ours.model.named_parameters():
+            if "sub_norm" in n:
+                p.uniform_(0.5, 1.5)
+    ours.model.save_pretrained(tmp_path / "trained")
+    # a fresh process of stock transformers (no bitft) sees transformers' BitNet with AutoBitLinear
+    stock = stock_logits(tmp_path / "trained", tmp_path)
+    want = logits(load_model(str(tmp_path / "trained")).model)
+    assert (stock["logits"] - want).abs().max() <= 1e-4 * want.abs().max()
+    with pytest.raises(BitftError, match="not a Llama"):
+        bitft.convert.convert_checkpoint(str(_qwen(tmp_path)), tmp_path / "q", subln="bitnet")
+
+
+def _qwen(tmp_path):
+    tiny_model("qwen2").save_pretrained(tmp_path / "qwen2")
+    return tmp_path / "qwen2"
+
+
+@pytest.mark.slow  # llama.cpp
+def test_llama_with_bitnet_subln_exports_to_the_bitnet_graph(tmp_path, smollm2_folder):
+    import numpy as np
+    from helpers import wide_config, with_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from bitft.export.gguf import export_gguf
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(wide_config("llama")).save_pretrained(tmp_path / "llama")
+    bitft.convert.convert_checkpoint(str(tmp_path / "llama"), tmp_path / "ckpt", subln="bitnet")
+    model = load_model(str(tmp_path / "ckpt")).model
+    with torch.no_grad():  # "trained" sub-norms, so that a misplaced or dropped one shows
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path / "trained")
+    with_tokenizer(tmp_path / "trained", smollm2_folder)
+    export_gguf(tmp_path / "trained", tmp_path / "m.gguf", float_type="f32")
+    ids = list(range(100, 140))
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    ours = logits(model, torch.tensor([ids]))[0].numpy()
+    agree, corr = (ours.argmax(-1) == theirs.argmax(-1)).mean(), np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]
+    print(f"Llama + subln bitnet in llama.cpp bitnet: next-token agreement {agree:.2f}, correlation {corr:.5f}")
+    assert agree >= 0.9 and corr > 0.999
