@@ -1,7 +1,8 @@
-"""Train-step time and peak memory: the plain model against the BitLinear model at λ=1.
+"""Train-step time and peak memory: the plain model against BitLinear at λ=1, λ=0.5 and with distillation.
 
     python scripts/bench_train.py [--shapes smollm2 llama2048] [--repeats 2] [--steps 3] [--threads 2]
-                                  [--impls plain fast reference] [--device cpu|cuda] [--mmap-threshold BYTES]
+                                  [--impls plain fast blend kd kd_recompute reference] [--device cpu|cuda]
+                                  [--mmap-threshold BYTES]
 
 A step is forward + backward + AdamW step on a random-init Llama (no download) with random tokens.
 Every case runs in a fresh process (plain, BitLinear and the reference alternating, --repeats
@@ -11,12 +12,15 @@ peak RSS on CPU (ru_maxrss: model, optimizer and activations all count), torch.c
 on CUDA; the largest over its processes. CPU runs float32; CUDA runs bf16 autocast over float32
 master weights.
 
-impls: `plain` = the unconverted model; `fast` = bitft's BitLinear (int8 saved activations,
-cached weight codes, integer matmul); `reference` = the same BitLinear layers running the
-textbook fake-quant forward (`BitLinear.fake_quant_forward`, bitft ≤ 0.1).
+impls: `plain` = the unconverted model; `fast` = bitft's BitLinear at λ=1 (int8 saved activations,
+cached weight codes, integer matmul); `blend` = the same at λ=0.5 (a λ warmup's steps); `kd` = `fast`
+plus logits distillation from the full-precision teacher (0.5·CE + 0.5·KL, bitft.train.distill: the
+teacher under inference_mode, each chunk's gradient kept from the forward); `kd_recompute` = the same
+with `distill_recompute` (the backward recomputes the teacher's logits); `reference` = BitLinear
+running the textbook fake-quant forward (`BitLinear.fake_quant_forward`, bitft ≤ 0.1).
 
-Prints a markdown table: shapes | plain s | BitLinear s | ratio | plain peak MiB | BitLinear peak MiB | ratio
-(and the reference's columns when it ran).
+Prints a markdown table, one row per shape and impl: step seconds and peak memory, each also as a
+ratio to the plain model and to BitLinear at λ=1 measured in the same run.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ SHAPES = {
 }
 
 
+IMPLS = {"plain": "plain model", "fast": "BitLinear λ=1", "blend": "BitLinear λ=0.5", "kd": "BitLinear λ=1 + KD",
+         "kd_recompute": "BitLinear λ=1 + KD, recompute", "reference": "fake-quant λ=1 (bitft ≤ 0.1)"}
+
+
 def run_case(shape: str, impl: str, steps: int, threads: int, device: str) -> dict:
     import resource
 
@@ -56,7 +64,7 @@ def run_case(shape: str, impl: str, steps: int, threads: int, device: str) -> di
         import bitft
         from bitft.bitlinear import BitLinear
 
-        bitft.convert_model(model, lam=1.0)
+        bitft.convert_model(model, lam=0.5 if impl == "blend" else 1.0)
         if impl == "reference":
             BitLinear.forward = BitLinear.fake_quant_forward
     model.train()
@@ -65,10 +73,26 @@ def run_case(shape: str, impl: str, steps: int, threads: int, device: str) -> di
     ids = torch.randint(0, spec["config"]["vocab_size"], (b, t), device=device)
     cuda = device == "cuda"
 
+    teacher = None
+    if impl.startswith("kd"):
+        from bitft.train.distill import kd_loss_sum, plain_copy
+
+        teacher, keep = plain_copy(model), impl == "kd"
+        mask = torch.ones(b, t - 1, dtype=torch.bool, device=device)
+
+    def loss_of():
+        out = model(input_ids=ids, labels=ids)
+        if teacher is None:
+            return out.loss
+        with torch.inference_mode() if keep else torch.no_grad():
+            hidden = teacher.base_model(input_ids=ids).last_hidden_state
+        kd = kd_loss_sum(out.logits[:, :-1], hidden[:, :-1], teacher.get_output_embeddings(), mask, keep_grad=keep)
+        return 0.5 * out.loss + 0.5 * kd / mask.sum()
+
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = loss_of()
         loss.backward()
         opt.step()
         if cuda:
@@ -90,7 +114,7 @@ def run_case(shape: str, impl: str, steps: int, threads: int, device: str) -> di
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--impls", nargs="+", default=["plain", "fast", "reference"], choices=["plain", "fast", "reference"])
+    p.add_argument("--impls", nargs="+", default=["plain", "fast", "blend", "kd"], choices=list(IMPLS))
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per case (best of)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warmup step")
     p.add_argument("--threads", type=int, default=2)
@@ -138,23 +162,18 @@ def main():
     print(f"\n{dev}; forward+backward+AdamW step, best of {args.repeats} fresh processes × {args.steps} steps; "
           f"peak {'max_memory_allocated' if args.device == 'cuda' else 'RSS'}"
           f"{'' if args.mmap_threshold is None else f', MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}'}\n")
-    ref = "reference" in args.impls
-    head = "| shapes | plain s | BitLinear s | ratio | plain peak MiB | BitLinear peak MiB | ratio |"
-    rule = "|---|---|---|---|---|---|---|"
-    if ref:
-        head += " fake-quant s | ratio | fake-quant peak MiB | ratio |"
-        rule += "---|---|---|---|"
-    print(head)
-    print(rule)
+    print("| shapes | step | s | × plain | × BitLinear λ=1 | peak MiB | × plain |")
+    print("|---|---|---|---|---|---|---|")
     for shape in args.shapes:
-        pl, fa, rf = best(shape, "plain"), best(shape, "fast"), best(shape, "reference")
-        if not (pl and fa):
-            continue
-        row = (f"| {SHAPES[shape]['label']} | {pl[0]:.2f} | {fa[0]:.2f} | {fa[0] / pl[0]:.2f} | {pl[1]:.0f} | "
-               f"{fa[1]:.0f} | {fa[1] / pl[1]:.2f} |")
-        if ref and rf:
-            row += f" {rf[0]:.2f} | {rf[0] / pl[0]:.2f} | {rf[1]:.0f} | {rf[1] / pl[1]:.2f} |"
-        print(row)
+        pl, fa = best(shape, "plain"), best(shape, "fast")
+        for impl in args.impls:
+            r = best(shape, impl)
+            if r is None:
+                continue
+            x_pl = f"{r[0] / pl[0]:.2f}" if pl else "–"
+            x_fa = f"{r[0] / fa[0]:.2f}" if fa else "–"
+            m_pl = f"{r[1] / pl[1]:.2f}" if pl else "–"
+            print(f"| {SHAPES[shape]['label']} | {IMPLS[impl]} | {r[0]:.2f} | {x_pl} | {x_fa} | {r[1]:.0f} | {m_pl} |")
 
 
 if __name__ == "__main__":
