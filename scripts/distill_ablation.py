@@ -20,11 +20,7 @@ through `bitft eval` (WikiText-2 perplexity and a task subset). The machinery is
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
-
-from warmup_ablation import REPO, base_parser, evaluate, report, run_env, train
+from warmup_ablation import base_parser, evaluate, report, start, train
 
 VARIANTS = ("ce", "kd", "kd_attn", "kd_attn_subln")
 
@@ -42,12 +38,7 @@ def main():
     p.add_argument("--attention-weight", type=float, default=1.0, help="attention_distill_weight of the *_attn variants")
     p.add_argument("--train-only", action="store_true", help="train the variants, evaluate and tabulate later")
     a, extra = p.parse_known_args()
-    os.chdir(REPO)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = run_env(a.threads)
-    t0 = time.perf_counter()
-
+    out, env, t0 = start(a)
     for v in a.variants:
         train(v, variant_flags(v, a), a, extra, out, env)
     if a.train_only:

@@ -28,7 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
-from warmup_ablation import REPO, base_parser, evaluate, machine, run_env, train, write
+from warmup_ablation import base_parser, evaluate, machine, start, train, write
 
 KD = ["--distill_alpha", "0.5", "--distill_temperature", "1"]
 VARIANTS = {  # name: (cost class, flags); every variant but plain starts at λ=1 unless it says ramp
@@ -109,12 +109,8 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds of round 2 (round 1 uses the first)")
     p.add_argument("--probe-steps", type=int, default=6, help="steps of each cost probe")
     a, extra = p.parse_known_args()
-    import os
-
-    os.chdir(REPO)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env, t0, full_steps = run_env(a.threads), time.perf_counter(), a.steps
+    out, env, t0 = start(a)
+    full_steps = a.steps
     costs = probe(a, out, env)
     budget = full_steps * costs["ramp"]  # the plain recipe's CPU seconds
     print("CPU s/step:", {k: round(v, 2) for k, v in costs.items()}, f"budget {budget / 60:.1f} CPU min", flush=True)

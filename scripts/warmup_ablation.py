@@ -230,6 +230,14 @@ def base_parser(doc: str, variants, out: str) -> argparse.ArgumentParser:
     return p
 
 
+def start(a) -> tuple[Path, dict, float]:
+    """(output folder, run environment, start time) of a study, run from the repository root."""
+    os.chdir(REPO)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, run_env(a.threads), time.perf_counter()
+
+
 def main():
     p = base_parser(__doc__, VARIANTS, "runs/warmup-ablation")
     p.add_argument("--warmup-steps", type=int, help="W: steps until λ reaches 1 (default: half of --steps)")
@@ -240,12 +248,7 @@ def main():
         a.warmup_steps = a.steps // 2
     if not 0 < a.warmup_steps <= a.steps:
         p.error(f"--warmup-steps must be in 1..{a.steps} (the run's steps), got {a.warmup_steps}")
-    os.chdir(REPO)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = run_env(a.threads)
-    t0 = time.perf_counter()
-
+    out, env, t0 = start(a)
     for v in a.variants:
         train(v, schedule_flags(v, a.warmup_steps, a.k), a, extra, out, env)
     evals = {}
