@@ -97,6 +97,11 @@ def _from_json(tj: dict):
             types[model["vocab"][model["unk_token"]]] = T.UNKNOWN
     if model.get("byte_fallback"):
         types = [T.BYTE if BYTE_PIECE.fullmatch(p) else t for p, t in zip(pieces, types)]
+    # SentencePiece's user-defined pieces, which transformers isolates with a Split pre-tokenizer
+    for split in _find(pre, "Split"):
+        if split.get("behavior") == "Isolated" and "Regex" in split.get("pattern", {}):
+            user = re.compile(split["pattern"]["Regex"])
+            types = [T.USER_DEFINED if t == T.NORMAL and user.fullmatch(p) else t for p, t in zip(pieces, types)]
     charsmap = [n["precompiled_charsmap"] for n in _find(norm, "Precompiled")]
     prefix = bool(_find(norm, "Prepend")) or any(m.get("prepend_scheme", "always") != "never" for m in _find(pre, "Metaspace"))
     squeeze = any(" {2,}" in json.dumps(n.get("pattern")) for n in _find(norm, "Replace"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 from bitft.errors import BitftError
@@ -22,13 +23,15 @@ SIDE_FILE = "gguf_tokenizer.json"
 PREFIX = "tokenizer.ggml."
 
 
-def save_source_tokenizer(gguf_path: Path, folder: Path) -> None:
-    """Write GGUF_PATH's tokenizer.ggml.* keys (values and GGUF types) to FOLDER/gguf_tokenizer.json."""
+def save_source_tokenizer(source, folder: Path) -> None:
+    """Write the tokenizer.ggml.* keys (values and GGUF types) of SOURCE (a .gguf path, or a GGUFReader of one:
+    parsing a 262k-token vocabulary takes the gguf package a minute) to FOLDER/gguf_tokenizer.json."""
     import gguf
 
     V = gguf.GGUFValueType
+    reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(source)
     fields = {}
-    for key, f in gguf.GGUFReader(gguf_path).fields.items():
+    for key, f in reader.fields.items():
         if not key.startswith(PREFIX):
             continue
         entry = {"type": f.types[0].name}
@@ -42,8 +45,18 @@ def save_source_tokenizer(gguf_path: Path, folder: Path) -> None:
             entry["value"] = f.contents()
         fields[key] = entry
     if fields:
-        doc = {"source": Path(gguf_path).name, "fields": fields}
+        doc = {"source": Path(str(getattr(reader.data, "filename", source))).name, "fields": fields}
         (Path(folder) / SIDE_FILE).write_text(json.dumps(doc, ensure_ascii=False))
+
+
+def carry_source_tokenizer(model, output_dir) -> None:
+    """Copy gguf_tokenizer.json from the folder MODEL was loaded from into OUTPUT_DIR (a training run's final
+    save: the trainer writes weights and tokenizer, not side files). Nothing when the source has none."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    src = Path(getattr(base.config, "_name_or_path", "") or "") / SIDE_FILE
+    dst = Path(output_dir) / SIDE_FILE
+    if src.is_file() and not dst.exists():
+        shutil.copyfile(src, dst)
 
 
 def _value(entry: dict):
