@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import WIDE
-from test_gguf_vocab_spm import TEXT, fields, spm_folder, spm_models  # noqa: F401 (spm_models: a fixture)
+from test_gguf_vocab_spm import TEXT, fields, real_vocab, spm_folder, spm_models  # noqa: F401 (spm_models: a fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import bitft
@@ -19,10 +19,12 @@ from bitft.export.gguf_vocab_copy import SIDE_FILE, carry_source_tokenizer
 llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
 
 
-def tiny_spm_llama(folder, spm_model):
-    """A random λ=1 Llama (every linear TQ-packable) with a 1200-piece SentencePiece-BPE tokenizer, 1280 embeddings."""
+def tiny_spm_llama(folder, spm_model=None, tokenizer=None, vocab_size=1280):
+    """A random λ=1 Llama (every linear TQ-packable) with a SentencePiece-BPE tokenizer: SPM_MODEL (trained here,
+    1200 pieces, so 80 embeddings past the vocabulary) or the transformers TOKENIZER of a real vocabulary."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**WIDE, "vocab_size": 1280}, tie_word_embeddings=True)).eval()
+    config = LlamaConfig(**{**WIDE, "vocab_size": vocab_size}, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random norms and sharp attention, as helpers.wide_model does
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -30,14 +32,23 @@ def tiny_spm_llama(folder, spm_model):
             elif name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(4.0)
     model = bitft.convert_model(model, lam=1.0)
-    spm_folder(spm_model, folder, "model", tokenizer_class="LlamaTokenizer")
+    if tokenizer is None:
+        spm_folder(spm_model, folder, "model", tokenizer_class="LlamaTokenizer")
+    else:
+        tokenizer.save_pretrained(folder)
     model.save_pretrained(folder)
     return model
 
 
 @pytest.mark.slow
-def test_tiny_llama_with_sentencepiece_tokenizer_runs_in_llama_cpp(spm_models, tmp_path):  # noqa: F811
-    model = tiny_spm_llama(tmp_path / "ckpt", spm_models["bpe"])
+@pytest.mark.parametrize("vocab", ["trained", "llama-spm"])
+def test_tiny_llama_with_sentencepiece_tokenizer_runs_in_llama_cpp(spm_models, tmp_path, vocab):  # noqa: F811
+    if vocab == "trained":
+        model = tiny_spm_llama(tmp_path / "ckpt", spm_models["bpe"])
+    else:  # Llama-2's real 32000-piece vocabulary, as transformers reads it from llama.cpp's vocab file
+        path = real_vocab(vocab)
+        model = tiny_spm_llama(tmp_path / "ckpt", tokenizer=AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
+                               vocab_size=32000)
     rows = dict(export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", float_type="f32"))
     assert rows["architecture"] == "llama, tokenizer llama (SentencePiece BPE)" and "ternary TQ2_0 tensors" in rows
     tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
@@ -50,7 +61,7 @@ def test_tiny_llama_with_sentencepiece_tokenizer_runs_in_llama_cpp(spm_models, t
         ours = model(torch.tensor([ids])).logits[0].numpy()
     agree = (ours.argmax(-1) == theirs.argmax(-1)).mean()
     corr = np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]
-    print(f"tiny SentencePiece Llama: next-token agreement {agree:.3f} over {len(ids)} positions, corr {corr:.5f}")
+    print(f"tiny SentencePiece Llama ({vocab} vocabulary): next-token agreement {agree:.3f} over {len(ids)} positions, corr {corr:.5f}")
     assert ours[-1].argmax() == theirs[-1].argmax() and agree >= 0.85 and corr > 0.999
 
 
