@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cli_refuses
+from helpers import REPO, family_tokenizer
 from transformers import AutoTokenizer
 
 from bitft.errors import BitftError
@@ -206,3 +206,12 @@ def test_side_file_that_disagrees_with_the_tokenizer_is_refused(tmp_path, spm_mo
     (folder / SIDE_FILE).write_text(json.dumps(doc))
     with pytest.raises(BitftError, match=f"remove .*{SIDE_FILE}"):
         gguf_vocab(folder, 1200, None)
+
+
+def test_tiktoken_tokenizer_model_beside_a_byte_level_tokenizer_json_is_not_sentencepiece(tmp_path):
+    """Llama-3 folders ship a tiktoken-format tokenizer.model: tokenizer.json decides."""
+    folder = tmp_path / "tok"
+    shutil.copytree(family_tokenizer("llama3.2"), folder)
+    assert (folder / "tokenizer.model").is_file()
+    vocab = gguf_vocab(folder, 128256, None)
+    assert (vocab.model, vocab.pre) == ("gpt2", "llama-bpe")

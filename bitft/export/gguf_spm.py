@@ -35,18 +35,22 @@ def is_sentencepiece(tokenizer_json: dict) -> bool:
 
 
 def _proto(path: Path):
+    """The SentencePiece ModelProto in PATH, or None when PATH is not one (e.g. a tiktoken file)."""
     try:
+        from google.protobuf.message import DecodeError
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:
         raise BitftError(f"{path} needs the sentencepiece package to be read: pip install sentencepiece") from None
     m = sentencepiece_model_pb2.ModelProto()
-    m.ParseFromString(path.read_bytes())
-    return m
+    try:
+        m.ParseFromString(path.read_bytes())
+    except DecodeError:
+        return None
+    return m if len(m.pieces) else None
 
 
-def _from_proto(path: Path):
-    """(kind, pieces, scores, types, flags) of a SentencePiece model file."""
-    m = _proto(path)
+def _from_proto(path: Path, m):
+    """(kind, pieces, scores, types, flags) of a SentencePiece model file (parsed: M)."""
     kind = {1: "unigram", 2: "bpe"}.get(m.trainer_spec.model_type)
     if kind is None:
         raise BitftError(f"{path} is a SentencePiece {m.trainer_spec.ModelType.Name(m.trainer_spec.model_type)} model; "
@@ -116,10 +120,14 @@ def spm_vocab(folder: Path, n_vocab: int):
     import gguf
     from transformers import AutoTokenizer
 
-    if (folder / "tokenizer.model").is_file():
-        kind, pieces, scores, types, flags = _from_proto(folder / "tokenizer.model")
-    else:
+    proto = _proto(folder / "tokenizer.model") if (folder / "tokenizer.model").is_file() else None
+    if proto is not None:
+        kind, pieces, scores, types, flags = _from_proto(folder / "tokenizer.model", proto)
+    elif (folder / "tokenizer.json").is_file():
         kind, pieces, scores, types, flags = _from_json(json.loads((folder / "tokenizer.json").read_text()))
+    else:
+        raise BitftError(f"{folder}/tokenizer.model is not a SentencePiece model and there is no tokenizer.json: "
+                         "a GGUF file must carry the tokenizer")
     if kind == "unigram" and flags["byte_fallback"]:
         raise BitftError("the tokenizer is a SentencePiece Unigram with byte fallback, which llama.cpp's Unigram "
                          "tokenizer lacks (characters out of the vocabulary would become <unk>): export it --packed instead")

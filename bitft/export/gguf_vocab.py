@@ -158,8 +158,8 @@ def gguf_vocab(folder: Path, n_vocab: int, tokenizer_pre: str | None) -> GGUFVoc
     copied = copied_vocab(folder, n_vocab)
     if copied is not None:
         return copied
-    tj = folder / "tokenizer.json"
-    if (folder / "tokenizer.model").is_file() or (tj.is_file() and is_sentencepiece(json.loads(tj.read_text()))):
+    tj = folder / "tokenizer.json"  # decides when present: Llama-3 folders ship a tiktoken-format tokenizer.model
+    if is_sentencepiece(json.loads(tj.read_text())) if tj.is_file() else (folder / "tokenizer.model").is_file():
         if tokenizer_pre:
             raise BitftError("--tokenizer-pre names a byte-level BPE pre-tokenizer; this tokenizer is SentencePiece: drop it")
         model, tokens, scores, types, flags, tok = spm_vocab(folder, n_vocab)
