@@ -88,3 +88,15 @@ def test_training_runs_carry_the_source_tokenizer(tmp_path):
     carry_source_tokenizer(model, out)
     assert (out / SIDE_FILE).read_text() == (src / SIDE_FILE).read_text()
     carry_source_tokenizer(types.SimpleNamespace(config=types.SimpleNamespace(_name_or_path="org/name")), tmp_path)
+
+
+@pytest.mark.smollm2
+def test_smollm2_converted_from_its_gguf_exports_that_gguf_tokenizer(smollm2_gguf, tmp_path):
+    """The demo's path: bitft convert smollm2 (a GGUF) -> export --gguf writes SmolLM2's own tokenizer keys."""
+    convert_checkpoint(str(smollm2_gguf), tmp_path / "ckpt")
+    rows = dict(export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf"))
+    assert rows["architecture"] == "llama, tokenizer gpt2 copied from the source GGUF"
+    assert fields(tmp_path / "m.gguf") == fields(smollm2_gguf)
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=2, verbose=False, vocab_only=True)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == tok(TEXT, add_special_tokens=False).input_ids

@@ -109,6 +109,9 @@ def _check_same_tokens(folder: Path, tokens: list[str], path: Path) -> None:
     pairs = [(p, i) for i, (p, _) in enumerate(vocab)] if isinstance(vocab, list) else list(vocab.items())
     pairs += [(a["content"], a["id"]) for a in doc.get("added_tokens", [])]
     for piece, i in pairs:
-        if i < len(tokens) and tokens[i] != piece and tokens[i] != piece.replace("\u2581", " "):
+        if i >= len(tokens):
+            raise BitftError(f"the folder's tokenizer has {piece!r} at id {i}, past the source GGUF's {len(tokens)} tokens: "
+                             f"remove {path} to export the folder's own tokenizer")
+        if tokens[i] != piece and tokens[i] != piece.replace("\u2581", " "):
             raise BitftError(f"the folder's tokenizer has {piece!r} at id {i} where the source GGUF had {tokens[i]!r}: "
                              f"remove {path} to export the folder's own tokenizer")
