@@ -136,8 +136,8 @@ def spm_vocab(folder: Path, n_vocab: int):
         raise BitftError(f"the tokenizer has {len(pieces)} pieces but the model only {n_vocab} embeddings: "
                          "resize the embeddings, or export it --packed")
     T = gguf.TokenType
-    tokens, scores, types = pieces + [f"[PAD{i}]" for i in range(len(pieces), n_vocab)], \
-        scores + [-1000.0] * (n_vocab - len(pieces)), types + [int(T.UNUSED)] * (n_vocab - len(pieces))
+    pad = range(len(pieces), n_vocab)  # embeddings past the vocabulary: UNUSED, as llama.cpp's converter writes them
+    tokens, scores, types = pieces + [f"[PAD{i}]" for i in pad], scores + [-1000.0] * len(pad), types + [int(T.UNUSED)] * len(pad)
     for i, added in tok.added_tokens_decoder.items():
         if i >= n_vocab:
             raise BitftError(f"added token {added.content!r} has id {i}, past the model's {n_vocab} embeddings: "
@@ -147,8 +147,6 @@ def spm_vocab(folder: Path, n_vocab: int):
         # llama.cpp matches user-defined tokens in the raw text, before spaces become "▁"
         tokens[i] = added.content if added.special else added.content.replace("\u2581", " ")
         types[i] = int(T.CONTROL if added.special else T.USER_DEFINED)
-        if i >= len(pieces):
-            scores[i] = -1000.0
     return ("t5" if kind == "unigram" else "llama"), tokens, scores, types, flags, tok
 
 
