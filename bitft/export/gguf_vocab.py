@@ -1,5 +1,10 @@
 """The tokenizer of a GGUF file, and llama.cpp's name for its pre-tokenizer.
 
+`gguf_vocab(folder, n_vocab, tokenizer_pre)` picks the source, refusals first: the `tokenizer.ggml.*` keys
+of the GGUF the model was converted from, copied verbatim (bitft/export/gguf_vocab_copy.py); else a
+SentencePiece vocabulary (bitft/export/gguf_spm.py); else byte-level BPE (below). `.write(writer, folder)`
+writes it, with special-token ids, add_bos/add_eos and the chat template.
+
 llama.cpp re-implements each BPE pre-tokenizer (the regex split before merges) and picks one by the
 name in `tokenizer.ggml.pre`. A wrong name still loads and silently tokenizes differently. llama.cpp's
 converter finds the name by tokenizing a fixed probe text that exercises whitespace runs, digits,
@@ -12,6 +17,8 @@ unknown hash is refused (never a guess); `--tokenizer-pre` overrides the detecti
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
@@ -69,9 +76,9 @@ def bpe_vocab(folder: Path, n_vocab: int, tokenizer_pre: str | None):
         raise BitftError(f"{folder} has no tokenizer.json: a GGUF file must carry the tokenizer")
     model = json.loads(tj.read_text())["model"]
     if model["type"] != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style (byte-fallback BPE: Llama-2, Mistral-7B, Gemma)" if model["type"] == "BPE" else model["type"]
-        raise BitftError(f"the tokenizer is {kind}; bitft's GGUF export writes byte-level BPE tokenizers "
-                         "(Llama-3, Qwen, SmolLM, Mistral-Nemo): export it --packed instead")
+        kind = "a byte-level BPE with byte fallback" if model["type"] == "BPE" else f"a {model['type']} model"
+        raise BitftError(f"the tokenizer is {kind}, which neither llama.cpp's byte-level BPE nor its SentencePiece "
+                         "tokenizer reproduces: export it --packed instead")
     tok = AutoTokenizer.from_pretrained(folder)
     pre = tokenizer_pre or detect_pre(tok)
     by_id = {i: t for t, i in tok.get_vocab().items()}
@@ -88,3 +95,76 @@ def bpe_vocab(folder: Path, n_vocab: int, tokenizer_pre: str | None):
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     return tokens, types, pre
+
+
+@dataclass
+class GGUFVocab:
+    """The tokenizer.* keys of an export: built (model, tokens, scores, types, flags) or copied (raw)."""
+    model: str  # tokenizer.ggml.model: gpt2 (byte-level BPE), llama (SentencePiece BPE), t5 (SentencePiece Unigram)
+    pre: str | None = None
+    tokens: list = field(default_factory=list)
+    types: list = field(default_factory=list)
+    scores: list | None = None
+    flags: dict = field(default_factory=dict)  # add_space_prefix, remove_extra_whitespaces, precompiled_charsmap
+    special: dict = field(default_factory=dict)  # SentencePiece: ids and add_bos/add_eos, as transformers says
+    raw: dict | None = None  # copied from a source GGUF: key -> (value, type, element type)
+
+    def describe(self) -> str:
+        if self.raw is not None:
+            return f"tokenizer {self.model} copied from the source GGUF"
+        if self.model == "gpt2":
+            return f"pre-tokenizer {self.pre}"
+        return f"tokenizer {self.model} (SentencePiece {'Unigram' if self.model == 't5' else 'BPE'})"
+
+    def write(self, writer, folder: Path) -> None:
+        import gguf
+
+        if self.raw is not None:
+            from bitft.export.gguf_vocab_copy import write_raw
+
+            write_raw(writer, self.raw)
+            template = gguf.SpecialVocab(folder, n_vocab=0).chat_template  # the folder's: training may set it
+            if template is not None:
+                writer.add_chat_template(template)
+            return
+        writer.add_tokenizer_model(self.model)
+        writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        writer.add_token_types(self.types)
+        quiet = logging.getLogger("gguf.vocab")  # its warnings about transformers' pair templates are noise here
+        level, quiet.level = quiet.level, logging.ERROR
+        try:
+            sv = gguf.SpecialVocab(folder, load_merges=self.model == "gpt2", n_vocab=len(self.tokens))
+        finally:
+            quiet.level = level
+        sv.special_token_ids.update(self.special.get("ids", {}))
+        sv.add_special_token.update(self.special.get("add", {}))
+        sv.add_to_gguf(writer, quiet=True)
+        if self.model != "gpt2":
+            writer.add_add_space_prefix(self.flags["add_space_prefix"])
+        if self.model == "t5":
+            writer.add_remove_extra_whitespaces(self.flags["remove_extra_whitespaces"])
+            if self.flags["precompiled_charsmap"]:
+                writer.add_precompiled_charsmap(self.flags["precompiled_charsmap"])
+
+
+def gguf_vocab(folder: Path, n_vocab: int, tokenizer_pre: str | None) -> GGUFVocab:
+    """What FOLDER's export writes under tokenizer.*: copied from a source GGUF, SentencePiece, or byte-level BPE."""
+    from bitft.export.gguf_spm import is_sentencepiece, special_policy, spm_vocab
+    from bitft.export.gguf_vocab_copy import copied_vocab
+
+    copied = copied_vocab(folder, n_vocab)
+    if copied is not None:
+        return copied
+    tj = folder / "tokenizer.json"  # decides when present: Llama-3 folders ship a tiktoken-format tokenizer.model
+    if is_sentencepiece(json.loads(tj.read_text())) if tj.is_file() else (folder / "tokenizer.model").is_file():
+        if tokenizer_pre:
+            raise BitftError("--tokenizer-pre names a byte-level BPE pre-tokenizer; this tokenizer is SentencePiece: drop it")
+        model, tokens, scores, types, flags, tok = spm_vocab(folder, n_vocab)
+        ids = {t: getattr(tok, f"{t}_token_id") for t in ("bos", "eos", "unk", "pad")}
+        special = {"ids": {t: i for t, i in ids.items() if isinstance(i, int) and i < n_vocab}, "add": special_policy(tok)}
+        return GGUFVocab(model, "default", tokens, types, scores, flags, special)
+    tokens, types, pre = bpe_vocab(folder, n_vocab, tokenizer_pre)
+    return GGUFVocab("gpt2", pre, tokens, types)

@@ -25,6 +25,7 @@ from transformers import Trainer
 from trl import DPOTrainer, SFTTrainer
 
 from bitft.errors import ConfigError, NonFiniteLossError
+from bitft.export.gguf_vocab_copy import carry_source_tokenizer
 from bitft.surgery import get_lambda, set_lambda
 from bitft.train.distill import DistillMixin
 from bitft.train.resume import is_complete, resume_checkpoint, save_checkpoint
@@ -150,6 +151,7 @@ def finish_run(trainer, results: dict, name: str, report) -> dict:
         from bitft.config import save_recipe_config
 
         save_recipe_config(trainer.args, name, results)
+        carry_source_tokenizer(trainer.accelerator.unwrap_model(trainer.model), trainer.args.output_dir)
         path = Path(trainer.args.output_dir) / f"{name}_results.json"
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(results, indent=1))
