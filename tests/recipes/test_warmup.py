@@ -279,7 +279,7 @@ def test_unknown_keys_are_errors(tmp_path, tiny_llama_folder):
         parse_config(_types(), ["--config", str(good), "--max_step", "3"])
 
 
-@pytest.mark.parametrize("path", ["configs/warmup_10B.yaml", "configs/demo/warmup.yaml"])
+@pytest.mark.parametrize("path", ["configs/warmup_10B.yaml", "configs/warmup_10B_distill.yaml", "configs/demo/warmup.yaml"])
 def test_shipped_configs_parse(path):
     flags = ["--bf16", "false", "--use_cpu", "true", "--optim", "adamw_torch"] if "demo" not in path else []
     m, d, lam, args = parse_config(_types(), ["--config", str(REPO / path), *flags])
@@ -288,7 +288,7 @@ def test_shipped_configs_parse(path):
         assert tokens == 512 and m.model_name_or_path == "smollm2"
     else:
         assert tokens * 8 == 2_097_152 and args.max_steps == 5000 and args.learning_rate == 1e-4
-        assert lam.lambda_warmup_steps == 1000 and "wandb" in args.report_to
+        assert lam.lambda_warmup_steps == (0 if "distill" in path else 1000) and "wandb" in args.report_to
         assert d.dataset == ["HuggingFaceFW/fineweb-edu"] and d.dataset_config == "sample-10BT"
 
 
