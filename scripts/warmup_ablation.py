@@ -37,6 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 VARIANTS = ("abrupt", "linear", "sigmoid")
+# Every study run starts from the plain recipe (cross-entropy, lr 3e-4), whatever the demo config ships
+# (the study's winner: configs/demo/warmup.yaml); a variant's own flags come after and override these.
+PLAIN = ["--learning_rate", "3e-4", "--distill_alpha", "0"]
 
 
 def schedule_flags(variant: str, warmup: int, k: float) -> list[str]:
@@ -77,7 +80,7 @@ def train(variant: str, flags: list[str], a, extra: list[str], out: Path, env: d
            str(a.threads), "recipes/warmup_10B.py", "--config", a.config, "--model_name_or_path", a.model,
            "--output_dir", str(d), "--max_steps", str(a.steps), "--eval_strategy", "steps",
            "--eval_steps", str(a.eval_steps), "--logging_steps", str(max(1, a.eval_steps // 2)),
-           "--save_steps", str(a.steps), "--save_total_limit", "1", "--disable_tqdm", "true", *flags, *extra]
+           "--save_steps", str(a.steps), "--save_total_limit", "1", "--disable_tqdm", "true", *PLAIN, *flags, *extra]
     t0 = time.perf_counter()
     run(cmd, env, d / "train.out", d / "train.log")
     seconds = time.perf_counter() - t0
