@@ -5,31 +5,64 @@
   reaches the weights; `train()` then saves the state of the last good step and re-raises with a
   message naming the step. It adds the `log_extras(state)` of any callback (λ, tokens, tokens/s)
   to the training logs, and runs every evaluation at `eval_lambda` (1: the ternary model) with
-  `<prefix>_perplexity` = exp(`<prefix>_loss`).
+  `<prefix>_perplexity` = exp(`<prefix>_loss`). A full disk (ENOSPC, EFBIG, EDQUOT) while saving a
+  checkpoint removes the partial folder and becomes `DiskFullError`: one line with the bytes
+  needed and where; the previous checkpoint stays the newest complete one.
+- `train()`: a non-finite loss saves the last good step; a preemption signal (`preempt.py`)
+  becomes `Preempted` (exit 75) once its checkpoint is complete.
 - `start_run(args)`: output_dir, logging, wandb, the checkpoint to resume from, the seed.
 - `train_and_evaluate(trainer, resume)`: held-out figures before the first step and after the last.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
 from trl import DPOTrainer, SFTTrainer
 
-from bitft.errors import ConfigError, NonFiniteLossError
+from bitft.errors import BitftError, ConfigError, NonFiniteLossError
 from bitft.surgery import get_lambda, set_lambda
 from bitft.train.distill import DistillMixin
-from bitft.train.resume import is_complete, resume_checkpoint, save_checkpoint
+from bitft.train.preempt import raise_if_preempted
+from bitft.train.resume import CheckpointMarker, is_complete, newest_checkpoint, resume_checkpoint, save_checkpoint
 
 logger = logging.getLogger("bitft")
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+DISK_FULL_WORDS = ("no space left", "file too large", "quota exceeded", "storagefull", "file write failed")
+
+
+class DiskFullError(BitftError):
+    """The disk (or the file size limit) ran out while writing a checkpoint."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EFBIG / EDQUOT anywhere in EXC's chain, also when a library wrapped it into a message
+    (safetensors: "No space left on device"; torch.save: "file write failed")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(w in str(exc).lower() for w in DISK_FULL_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 class BitftTrainerMixin:
@@ -41,6 +74,43 @@ class BitftTrainerMixin:
     """
 
     eval_lambda: float | None = None
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        """The Trainer's save, then the completion marker, then the rotation (save_total_limit): an
+        older checkpoint is deleted only once the new one is complete. A full disk: `DiskFullError`."""
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial, *args, **kwargs)
+            marker = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, CheckpointMarker)), None)
+            if marker is not None:
+                marker.on_save(self.args, self.state, self.control)  # all processes: barrier, mark, barrier
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise self._disk_full(e) from None
+        finally:
+            self.args.save_total_limit = limit
+        if limit and self.args.should_save:
+            rotate_checkpoints(output_dir=self._get_output_dir(trial), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _disk_full(self, e: Exception) -> DiskFullError:
+        out = Path(self.args.output_dir)
+        partial = out / f"checkpoint-{self.state.global_step}"
+        written = _folder_bytes(partial)
+        previous = newest_checkpoint(out)
+        if self.is_world_process_zero():
+            shutil.rmtree(partial, ignore_errors=True)  # no marker: never resumed from; the space back
+        free = shutil.disk_usage(out).free
+        need = _folder_bytes(previous) if previous is not None else None
+        need_txt = f"a checkpoint needs about {need:,} bytes (the size of {previous.name})" if need \
+            else f"{written:,} bytes were written before it failed"
+        keep = f"{previous.name} stays the newest complete checkpoint" if previous else "no complete checkpoint yet"
+        return DiskFullError(
+            f"disk full while saving {partial.name} in {out} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
+            f"{need_txt}, {free:,} are free there; {keep}. Free space (or lower save_total_limit, or choose "
+            "another output_dir) and relaunch the same command")
 
     def evaluate(self, *args, **kwargs):
         if self.eval_lambda is None:
@@ -75,9 +145,12 @@ class BitftTrainerMixin:
 
 
 def train(trainer, resume_from_checkpoint=None):
-    """trainer.train(), turning a non-finite loss into a saved state and a clear error."""
+    """trainer.train(), turning a non-finite loss into a saved state and a clear error, and a
+    preemption signal into `Preempted` once its checkpoint is complete."""
     try:
-        return trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+        out = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+        raise_if_preempted(trainer)
+        return out
     except NonFiniteLossError as e:
         step = trainer.state.global_step
         existing = Path(trainer.args.output_dir) / f"checkpoint-{step}"
