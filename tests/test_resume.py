@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import shutil
 import time
 
 import pytest
@@ -115,11 +116,13 @@ def test_signal_names():
         parse_signals("KILL")
 
 
-def test_disk_full_is_recognised_through_library_wrappers():
+def test_disk_full_is_recognised_through_library_wrappers(tmp_path):
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
     assert is_disk_full(OSError(errno.EFBIG, "File too large"))
-    wrapped = RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
-    assert is_disk_full(wrapped)
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 137920 vs 137812")
+    assert not is_disk_full(wrapped)  # no errno: only with the disk (or the size limit) actually full
+    assert is_disk_full(wrapped, tmp_path, room=shutil.disk_usage(tmp_path).free + 1)
+    assert not is_disk_full(wrapped, tmp_path, room=0)
     try:
         try:
             raise OSError(errno.EDQUOT, "quota")

@@ -40,25 +40,32 @@ from bitft.train.resume import CheckpointMarker, is_complete, newest_checkpoint,
 logger = logging.getLogger("bitft")
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-DISK_FULL_WORDS = ("no space left", "file too large", "quota exceeded", "storagefull", "file write failed")
+DISK_FULL_WORDS = ("no space left", "file too large", "quota exceeded", "storagefull")
+# torch.save's writer drops the errno: "file write failed", "unexpected pos N vs M", "iostream error"
+WRITE_FAILED_WORDS = ("file write failed", "unexpected pos", "iostream error")
 
 
 class DiskFullError(BitftError):
     """The disk (or the file size limit) ran out while writing a checkpoint."""
 
 
-def is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException, folder: Path | None = None, room: int = 64 << 20) -> bool:
     """ENOSPC / EFBIG / EDQUOT anywhere in EXC's chain, also when a library wrapped it into a message
-    (safetensors: "No space left on device"; torch.save: "file write failed")."""
-    seen = set()
+    (safetensors: "No space left on device"). torch.save's writer drops the errno ("file write
+    failed"): that counts when FOLDER has less than ROOM bytes free or a file size limit is set."""
+    seen, short_write = set(), False
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        text = str(exc).lower()
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS or any(w in text for w in DISK_FULL_WORDS):
             return True
-        if any(w in str(exc).lower() for w in DISK_FULL_WORDS):
-            return True
+        short_write |= any(w in text for w in WRITE_FAILED_WORDS)
         exc = exc.__cause__ or exc.__context__
-    return False
+    if not short_write or folder is None:
+        return False
+    import resource
+
+    return shutil.disk_usage(folder).free < room or resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
 
 
 def _folder_bytes(path: Path) -> int:
@@ -86,7 +93,9 @@ class BitftTrainerMixin:
             if marker is not None:
                 marker.on_save(self.args, self.state, self.control)  # all processes: barrier, mark, barrier
         except Exception as e:
-            if not is_disk_full(e):
+            out = Path(self.args.output_dir)
+            previous = newest_checkpoint(out)
+            if not is_disk_full(e, out, max(_folder_bytes(previous) if previous else 0, 64 << 20)):
                 raise
             raise self._disk_full(e) from None
         finally:
@@ -102,14 +111,18 @@ class BitftTrainerMixin:
         previous = newest_checkpoint(out)
         if self.is_world_process_zero():
             shutil.rmtree(partial, ignore_errors=True)  # no marker: never resumed from; the space back
+        import resource
+
         free = shutil.disk_usage(out).free
+        fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limit = f" and a file size limit of {fsize:,} bytes is set (ulimit -f)" if fsize != resource.RLIM_INFINITY else ""
         need = _folder_bytes(previous) if previous is not None else None
         need_txt = f"a checkpoint needs about {need:,} bytes (the size of {previous.name})" if need \
             else f"{written:,} bytes were written before it failed"
         keep = f"{previous.name} stays the newest complete checkpoint" if previous else "no complete checkpoint yet"
         return DiskFullError(
             f"disk full while saving {partial.name} in {out} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
-            f"{need_txt}, {free:,} are free there; {keep}. Free space (or lower save_total_limit, or choose "
+            f"{need_txt}, {free:,} are free there{limit}; {keep}. Free space (or lower save_total_limit, or choose "
             "another output_dir) and relaunch the same command")
 
     def evaluate(self, *args, **kwargs):

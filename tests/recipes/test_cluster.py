@@ -34,20 +34,37 @@ WORLD_TOL = 1e-4  # relative: another reduction order (2 processes vs accumulati
 STOP_AT = 4  # the signal is sent once checkpoint-3 is marked: the run is in step 4
 
 
-def group_alive(pgid: int) -> bool:
+def tree(proc) -> list:
+    """PROC and all its descendants (torchrun starts its workers in sessions of their own)."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def signal_all(processes, sig) -> None:
+    """What SLURM does (proctrack/cgroup): SIG to every process of the step."""
+    for p in processes:
+        try:
+            p.send_signal(sig)
+        except Exception:  # already gone
+            pass
+
+
+def running(p) -> bool:
     try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
+        return p.is_running() and p.status() != "zombie"
+    except Exception:
         return False
 
 
-def wait_for(path: Path, proc, timeout=240):
-    """Until PATH exists, while any process of PROC's group runs (the launcher may be gone already)."""
+def wait_for(path: Path, proc, processes=(), timeout=240):
+    """Until PATH exists, while PROC or any of PROCESSES runs (the launcher may be gone already)."""
     deadline = time.time() + timeout
     while not path.exists():
-        proc.poll()  # reap the launcher if it ended, so that only the workers count
-        if not group_alive(proc.pid) or time.time() > deadline:
+        proc.poll()  # reap the launcher if it ended
+        alive = proc.returncode is None or any(running(p) for p in processes)
+        if not alive or time.time() > deadline:
             raise AssertionError(f"{path} never appeared (launcher exit {proc.poll()})")
         time.sleep(0.002)
 
@@ -61,17 +78,19 @@ def ignore(*signals):
 
 
 def preempt(config, sig, launcher="cpu", ignored=(), second=False):
-    """Launch, send SIG to the whole process group once checkpoint-3 is complete; (stdout+stderr, seconds)."""
+    """Launch, send SIG to every process once checkpoint-3 is complete; (stdout+stderr, seconds)."""
     cmd, e = command(config, launcher=launcher)
     proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, preexec_fn=ignore(*ignored))
     run = Path(yaml_value(config, "output_dir"))
     wait_for(run / "checkpoint-3" / "bitft-complete.json", proc)
+    processes = tree(proc)
+    assert len(processes) >= 2  # the launcher and its worker(s)
     t0 = time.time()
-    os.killpg(proc.pid, sig)
+    signal_all(processes, sig)
     if second:  # again while the checkpoint of the stop is being written
-        wait_for(run / f"checkpoint-{STOP_AT}", proc, timeout=60)
-        os.killpg(proc.pid, sig)
+        wait_for(run / f"checkpoint-{STOP_AT}", proc, processes, timeout=60)
+        signal_all(processes, sig)
     out, _ = proc.communicate(timeout=240)  # until every process of the group closed the pipe
     seconds = time.time() - t0
     print(f"{sig.name}: {seconds:.2f} s from the signal to the last process's exit")
@@ -149,12 +168,15 @@ def truncate_run(src: Path, dst: Path, keep: int):
 @pytest.mark.slow
 def test_two_processes_resumed_on_one_with_accumulation_and_back(reference, tmp_path, tiny_llama_folder):
     # 2 processes × micro-batch 2 × accumulation 1 = 128 tokens per step, uninterrupted
-    config2 = tiny_config(tmp_path, tiny_llama_folder, gradient_accumulation_steps=1)
+    (tmp_path / "c2").mkdir()
+    (tmp_path / "c1").mkdir()
+    config2 = tiny_config(tmp_path / "c2", tiny_llama_folder, gradient_accumulation_steps=1)
+    config1 = tiny_config(tmp_path / "c1", tiny_llama_folder)
     launch(config2, launcher="ddp2")
-    two = tmp_path / "run"
+    two = tmp_path / "c2" / "run"
     # 2 -> 1: resumed from checkpoint-6 on 1 process × micro-batch 2 × accumulation 2
     truncate_run(two, tmp_path / "to1", 6)
-    r = launch(tiny_config(tmp_path, tiny_llama_folder), "--output_dir", str(tmp_path / "to1"))
+    r = launch(config1, "--output_dir", str(tmp_path / "to1"))
     assert "resuming from" in r.stdout + r.stderr
     assert_close_losses(tmp_path / "to1", two, rel=WORLD_TOL)
     # 1 -> 2: the single-process reference's checkpoint-6 on 2 processes × accumulation 1
@@ -162,8 +184,8 @@ def test_two_processes_resumed_on_one_with_accumulation_and_back(reference, tmp_
     launch(config2, "--output_dir", str(tmp_path / "to2"), launcher="ddp2")
     assert_close_losses(tmp_path / "to2", reference[1], rel=WORLD_TOL)
     # other tokens per step: refused in one line, unless allowed
-    r = launch(tiny_config(tmp_path, tiny_llama_folder, gradient_accumulation_steps=1), "--output_dir",
-               str(tmp_path / "to2"), "--max_steps", "15", expect=None)
+    r = launch(config1, "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "to2"),
+               "--max_steps", "15", expect=None)
     assert r.returncode != 0
     line = next(ln for ln in r.stderr.splitlines() if ln.startswith("warmup_10B: error:"))
     assert "128 tokens per optimizer step" in line and "this launch has 64" in line and "--allow_batch_change" in line
