@@ -52,6 +52,7 @@ class PreemptionCallback(TrainerCallback):
         self.received_at: float | None = None
         self.phase = "before"  # before training, "training", "after" (final evaluation and save)
         self.stopped_at: int | None = None  # the step saved, once all ranks agreed to stop
+        self.step_ended_at: float | None = None
         for sig in self.signals:
             signal.signal(sig, self._handle)
         if self.signals:
@@ -83,7 +84,7 @@ class PreemptionCallback(TrainerCallback):
         if code.item():
             if self.received is None:  # another rank got it; this one stops with it
                 self.received, self.received_at = signal.Signals(int(code.item())), time.time()
-            self.stopped_at = state.global_step
+            self.stopped_at, self.step_ended_at = state.global_step, time.time()
             control.should_save = True
             control.should_evaluate = False  # the grace period is for the checkpoint
             control.should_training_stop = True
@@ -104,6 +105,8 @@ def raise_if_preempted(trainer) -> None:
     if cb is None or cb.stopped_at is None:
         return
     ckpt = f"{trainer.args.output_dir}/checkpoint-{cb.stopped_at}"
-    took = f" {time.time() - cb.received_at:.1f} s after the signal"
+    now = time.time()
+    took = (f" {now - cb.received_at:.1f} s after the signal (the step ended after {cb.step_ended_at - cb.received_at:.1f} s, "
+            f"the checkpoint took {now - cb.step_ended_at:.1f} s)")
     raise Preempted(f"{cb.received.name}: stopped after optimizer step {cb.stopped_at}, checkpoint {ckpt} complete{took}; "
                     f"exit status {REQUEUE_EXIT} (requeue): relaunch the same command to resume")

@@ -162,15 +162,29 @@ def _from_main(value):
     return value
 
 
+def run_record(args, model, data_args) -> dict:
+    """The shape of an SFT/DPO run a resume must keep: rows per optimizer step, model, data."""
+    rows = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return {"rows_per_step": rows,
+            "shape": f"micro-batch {args.per_device_train_batch_size} × accumulation "
+                     f"{args.gradient_accumulation_steps} × {args.world_size} processes",
+            "model": f"{model.config.model_type}, {sum(p.numel() for p in model.parameters()):,} parameters",
+            "data": {"dataset": [str(Path(d).resolve()) if Path(d).exists() else d for d in data_args.dataset],
+                     "config": data_args.dataset_config, "split": data_args.dataset_split,
+                     "max_samples": data_args.max_samples, "eval_size": data_args.eval_size,
+                     "seed": args.data_seed if args.data_seed is not None else args.seed}}
+
+
 def check_run(checkpoint: Path, run: dict, allow_batch_change: bool = False) -> None:
     """Refuse, in one line, a relaunch that continues CHECKPOINT with another batch, model or data."""
     before = (read_marker(checkpoint) or {}).get("run") or {}
     if not before:
         return  # a checkpoint from before run records: nothing to compare
-    if before.get("tokens_per_step") != run.get("tokens_per_step") and not allow_batch_change:
+    key = "tokens_per_step" if "tokens_per_step" in before else "rows_per_step"  # pre-training / SFT, DPO
+    if before.get(key) != run.get(key) and not allow_batch_change:
         raise ConfigError(
-            f"{checkpoint.name} was trained with {before.get('tokens_per_step')} tokens per optimizer step "
-            f"({before.get('shape')}), this launch has {run.get('tokens_per_step')} ({run.get('shape')}): set "
+            f"{checkpoint.name} was trained with {before.get(key)} {key.split('_')[0]} per optimizer step "
+            f"({before.get('shape')}), this launch has {run.get(key)} ({run.get('shape')}): set "
             "per_device_train_batch_size / gradient_accumulation_steps so that the product is the same, "
             "or pass --allow_batch_change true to continue with another batch (the data position then shifts)")
     for key, what in (("model", "model"), ("parameters", "model"), ("data", "data")):
