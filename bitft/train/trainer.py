@@ -35,6 +35,7 @@ from bitft.errors import BitftError, ConfigError, NonFiniteLossError
 from bitft.surgery import get_lambda, set_lambda
 from bitft.train.distill import DistillMixin
 from bitft.train.preempt import raise_if_preempted
+from bitft.train.zero_resume import prepare_zero_resume
 from bitft.train.resume import CheckpointMarker, is_complete, newest_checkpoint, resume_checkpoint, save_checkpoint
 
 logger = logging.getLogger("bitft")
@@ -160,6 +161,8 @@ class BitftTrainerMixin:
 def train(trainer, resume_from_checkpoint=None):
     """trainer.train(), turning a non-finite loss into a saved state and a clear error, and a
     preemption signal into `Preempted` once its checkpoint is complete."""
+    if resume_from_checkpoint:
+        prepare_zero_resume(trainer, Path(resume_from_checkpoint))  # ZeRO on another world size
     try:
         out = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
         raise_if_preempted(trainer)
