@@ -17,7 +17,7 @@ from bitft.files import fsync
 from bitft.train.preempt import parse_signals
 from bitft.train.resume import (COMPLETE_MARKER, check_complete, check_run, mark_complete, newest_checkpoint,
                                 resume_checkpoint)
-from bitft.train.trainer import is_disk_full
+from bitft.train.disk import is_disk_full
 
 RUN = {"tokens_per_step": 128, "shape": "block 32 × micro-batch 2 × accumulation 2 × 1 processes",
        "model": "llama, 1,000 parameters", "data": {"dataset": ["/d/c4.jsonl"], "seed": 0}}
@@ -101,10 +101,12 @@ def test_crc_costs_under_a_second_per_gb(tmp_path):
     (ck / "big.bin").write_bytes(bytes(range(256)) * (1 << 20))  # 256 MiB, in the page cache as after a save
     t0 = time.perf_counter()
     fsync(ck / "big.bin")  # what the marker always did (the disk's speed, not the CRC's)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     mark_complete(ck, 1)  # the CRC over data in the page cache, and an fsync with nothing left to write
-    seconds_per_gb = (time.perf_counter() - t1) * 4
-    print(f"CRC-32 in the marker: {seconds_per_gb:.2f} s/GB; the fsync it always did: {(t1 - t0) * 4:.2f} s/GB")
+    # CPU time, not wall time: the machine is shared, and a busy neighbour must not fail this test
+    seconds_per_gb = (time.process_time() - c1) * 4
+    print(f"CRC-32 in the marker: {seconds_per_gb:.2f} CPU s/GB ({(time.perf_counter() - t1) * 4:.2f} s/GB wall); "
+          f"the fsync it always did: {(t1 - t0) * 4:.2f} s/GB")
     assert seconds_per_gb < 1.0
 
 

@@ -5,9 +5,9 @@
   reaches the weights; `train()` then saves the state of the last good step and re-raises with a
   message naming the step. It adds the `log_extras(state)` of any callback (λ, tokens, tokens/s)
   to the training logs, and runs every evaluation at `eval_lambda` (1: the ternary model) with
-  `<prefix>_perplexity` = exp(`<prefix>_loss`). A full disk (ENOSPC, EFBIG, EDQUOT) while saving a
-  checkpoint removes the partial folder and becomes `DiskFullError`: one line with the bytes
-  needed and where; the previous checkpoint stays the newest complete one.
+  `<prefix>_perplexity` = exp(`<prefix>_loss`). Its checkpoint save marks the checkpoint complete
+  before the rotation (save_total_limit) deletes an older one; a full disk while saving becomes
+  `DiskFullError` (disk.py).
 - `train()`: a non-finite loss saves the last good step; a preemption signal (`preempt.py`)
   becomes `Preempted` (exit 75) once its checkpoint is complete.
 - `start_run(args)`: output_dir, logging, wandb, the checkpoint to resume from, the seed.
@@ -16,12 +16,10 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,47 +29,15 @@ from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 from trl import DPOTrainer, SFTTrainer
 
-from bitft.errors import BitftError, ConfigError, NonFiniteLossError
+from bitft.errors import ConfigError, NonFiniteLossError
 from bitft.surgery import get_lambda, set_lambda
+from bitft.train.disk import disk_full_error
 from bitft.train.distill import DistillMixin
 from bitft.train.preempt import raise_if_preempted
 from bitft.train.zero_resume import prepare_zero_resume
-from bitft.train.resume import CheckpointMarker, is_complete, newest_checkpoint, resume_checkpoint, save_checkpoint
+from bitft.train.resume import CheckpointMarker, is_complete, resume_checkpoint, save_checkpoint
 
 logger = logging.getLogger("bitft")
-
-DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-DISK_FULL_WORDS = ("no space left", "file too large", "quota exceeded", "storagefull")
-# torch.save's writer drops the errno: "file write failed", "unexpected pos N vs M", "iostream error"
-WRITE_FAILED_WORDS = ("file write failed", "unexpected pos", "iostream error")
-
-
-class DiskFullError(BitftError):
-    """The disk (or the file size limit) ran out while writing a checkpoint."""
-
-
-def is_disk_full(exc: BaseException, folder: Path | None = None, room: int = 64 << 20) -> bool:
-    """ENOSPC / EFBIG / EDQUOT anywhere in EXC's chain, also when a library wrapped it into a message
-    (safetensors: "No space left on device"). torch.save's writer drops the errno ("file write
-    failed"): that counts when FOLDER has less than ROOM bytes free or a file size limit is set."""
-    seen, short_write = set(), False
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        text = str(exc).lower()
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS or any(w in text for w in DISK_FULL_WORDS):
-            return True
-        short_write |= any(w in text for w in WRITE_FAILED_WORDS)
-        exc = exc.__cause__ or exc.__context__
-    if not short_write or folder is None:
-        return False
-    import resource
-
-    return shutil.disk_usage(folder).free < room or resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
-
-
-def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
-
 
 class BitftTrainerMixin:
     """Mix into a Trainer class (first base): non-finite loss guard, callback log extras, eval λ.
@@ -94,37 +60,15 @@ class BitftTrainerMixin:
             if marker is not None:
                 marker.on_save(self.args, self.state, self.control)  # all processes: barrier, mark, barrier
         except Exception as e:
-            out = Path(self.args.output_dir)
-            previous = newest_checkpoint(out)
-            if not is_disk_full(e, out, max(_folder_bytes(previous) if previous else 0, 64 << 20)):
+            full = disk_full_error(e, Path(self.args.output_dir), self.state.global_step, self.is_world_process_zero())
+            if full is None:
                 raise
-            raise self._disk_full(e) from None
+            raise full from None
         finally:
             self.args.save_total_limit = limit
         if limit and self.args.should_save:
             rotate_checkpoints(output_dir=self._get_output_dir(trial), save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-
-    def _disk_full(self, e: Exception) -> DiskFullError:
-        out = Path(self.args.output_dir)
-        partial = out / f"checkpoint-{self.state.global_step}"
-        written = _folder_bytes(partial)
-        previous = newest_checkpoint(out)
-        if self.is_world_process_zero():
-            shutil.rmtree(partial, ignore_errors=True)  # no marker: never resumed from; the space back
-        import resource
-
-        free = shutil.disk_usage(out).free
-        fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        limit = f" and a file size limit of {fsize:,} bytes is set (ulimit -f)" if fsize != resource.RLIM_INFINITY else ""
-        need = _folder_bytes(previous) if previous is not None else None
-        need_txt = f"a checkpoint needs about {need:,} bytes (the size of {previous.name})" if need \
-            else f"{written:,} bytes were written before it failed"
-        keep = f"{previous.name} stays the newest complete checkpoint" if previous else "no complete checkpoint yet"
-        return DiskFullError(
-            f"disk full while saving {partial.name} in {out} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
-            f"{need_txt}, {free:,} are free there{limit}; {keep}. Free space (or lower save_total_limit, or choose "
-            "another output_dir) and relaunch the same command")
 
     def evaluate(self, *args, **kwargs):
         if self.eval_lambda is None:

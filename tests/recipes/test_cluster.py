@@ -233,6 +233,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(reference, tmp_pat
     assert r.returncode != 0
     line = next((ln for ln in r.stderr.splitlines() if "disk full while saving checkpoint-6" in ln), None)
     assert line is not None, r.stderr[-3000:]
+    print(line)
     assert "checkpoint-3 stays the newest complete checkpoint" in line and "bytes" in line and "relaunch" in line
     assert not (run / "checkpoint-6").exists() and newest_checkpoint(run).name == "checkpoint-3"
 
