@@ -9,7 +9,8 @@ exit that says "requeue me".
   signal reached them at different moments. Then `should_save` + `should_training_stop`: the
   Trainer writes its ordinary checkpoint (`CheckpointMarker` marks it complete) and leaves the loop.
 - `train()` (trainer.py) then raises `Preempted`: exit status 75 (EX_TEMPFAIL, "try again").
-  Relaunching the same command resumes from that checkpoint like from any other.
+  Relaunching the same command resumes from that checkpoint like from any other. The handlers are
+  given back when training ends (after the last step a signal has its usual effect).
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ class PreemptionCallback(TrainerCallback):
         self.phase = "before"  # before training, "training", "after" (final evaluation and save)
         self.stopped_at: int | None = None  # the step saved, once all ranks agreed to stop
         self.step_ended_at: float | None = None
-        for sig in self.signals:
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         if self.signals:
             logger.info("on %s: checkpoint after the current optimizer step, then exit %d (requeue)",
                         " or ".join(s.name for s in self.signals), REQUEUE_EXIT)
@@ -92,11 +92,19 @@ class PreemptionCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.phase = "after"
+        self.restore()  # the checkpoint of a stop is complete; after the last step: the usual action
 
     def restore(self) -> None:
-        """Give the signals back their default action (after the run, and in tests)."""
-        for sig in self.signals:
-            signal.signal(sig, signal.SIG_DFL)
+        """Give the signals back the handlers they had (also when the recipe runs inside another program)."""
+        for sig, handler in self.previous.items():
+            if signal.getsignal(sig) == self._handle:
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def restore_signals(trainer) -> None:
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, PreemptionCallback):
+            cb.restore()
 
 
 def raise_if_preempted(trainer) -> None:

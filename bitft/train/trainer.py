@@ -33,7 +33,7 @@ from bitft.errors import ConfigError, NonFiniteLossError
 from bitft.surgery import get_lambda, set_lambda
 from bitft.train.disk import disk_full_error
 from bitft.train.distill import DistillMixin
-from bitft.train.preempt import raise_if_preempted
+from bitft.train.preempt import raise_if_preempted, restore_signals
 from bitft.train.zero_resume import prepare_zero_resume
 from bitft.train.resume import CheckpointMarker, is_complete, resume_checkpoint, save_checkpoint
 
@@ -124,6 +124,8 @@ def train(trainer, resume_from_checkpoint=None):
             f"loss is {e.loss} at optimizer step {e.step}{lam_txt}, lr={trainer._get_learning_rate():.3g}: "
             f"training stopped before that step changed the weights. The state after step {step} is in {saved}. "
             "Lower the learning rate or check the data, then relaunch the same command to resume.")) from None
+    finally:
+        restore_signals(trainer)  # the run may be part of a longer program (tests, ablation scripts)
 
 
 class BitftTrainer(DistillMixin, BitftTrainerMixin, Trainer):
