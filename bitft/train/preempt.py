@@ -51,7 +51,7 @@ class PreemptionCallback(TrainerCallback):
         self.signals = parse_signals(signals)
         self.received: signal.Signals | None = None  # the first signal this process got
         self.received_at: float | None = None
-        self.phase = "before"  # before training, "training", "after" (final evaluation and save)
+        self.phase = "before"  # "training" from on_train_begin; on_train_end gives the handlers back
         self.stopped_at: int | None = None  # the step saved, once all ranks agreed to stop
         self.step_ended_at: float | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
@@ -69,9 +69,6 @@ class PreemptionCallback(TrainerCallback):
         if self.phase == "before":
             raise Preempted(f"{sig.name} before the first optimizer step of this launch: nothing new to save; "
                             "relaunch the same command to start (or resume) the run")
-        if self.phase == "after":
-            logger.warning("%s received after the last optimizer step: finishing the final save", sig.name)
-            return
         logger.warning("%s received: finishing this optimizer step, then saving a checkpoint and exiting", sig.name)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -91,7 +88,6 @@ class PreemptionCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.phase = "after"
         self.restore()  # the checkpoint of a stop is complete; after the last step: the usual action
 
     def restore(self) -> None:
