@@ -41,7 +41,7 @@ FAKES = {
 }
 
 
-def run_script(tmp_path, steps, signal_after=None):
+def run_script(tmp_path, steps, signal_after=None, sig=signal.SIGUSR1):
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     for name, text in FAKES.items():
@@ -55,7 +55,7 @@ def run_script(tmp_path, steps, signal_after=None):
         while not (Path(str(log) + ".pid")).exists():
             time.sleep(0.01)
         time.sleep(signal_after)
-        proc.send_signal(signal.SIGUSR1)  # SLURM, --signal=B:USR1@120
+        proc.send_signal(sig)  # SLURM: --signal=B:USR1@120, or SIGTERM on a preemption
     _, err = proc.communicate(timeout=60)
     return proc.returncode, log.read_text().splitlines(), err
 
@@ -73,3 +73,11 @@ def test_a_finished_run_is_not_requeued(tmp_path):
     status, log, err = run_script(tmp_path, steps=2)
     assert status == 0, err
     assert log[-1] == "worker finished" and not any(line.startswith("scontrol") for line in log)
+
+
+def test_sigterm_to_the_shell_waits_for_the_step(tmp_path):
+    """On a preemption SLURM signals the batch shell too: it must outlive the step (which got its own
+    SIGTERM from SLURM) and leave the requeue to SLURM."""
+    status, log, err = run_script(tmp_path, steps=30, signal_after=0.2, sig=signal.SIGTERM)
+    assert status == 0 and log[-1] == "worker finished", err
+    assert "SIGTERM: waiting" in err and not any(line.startswith(("scontrol", "scancel")) for line in log)
