@@ -196,6 +196,11 @@ def test_two_processes_resumed_on_one_with_accumulation_and_back(reference, tmp_
     assert r.returncode != 0
     line = next(ln for ln in r.stderr.splitlines() if ln.startswith("warmup_10B: error:"))
     assert "128 tokens per optimizer step" in line and "this launch has 64" in line and "--allow_batch_change" in line
+    # other data: refused in one line too (the data position would mean nothing)
+    other = str(Path(yaml_value(config1, "dataset")[0]).with_name("c4_demo.jsonl"))
+    r = launch(config1, "--output_dir", str(tmp_path / "to2"), "--dataset", other, expect=None)
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("warmup_10B: error:"))
+    assert "was made with another data" in line and "c4_demo.jsonl" in line and "use another output_dir" in line
 
 
 def user_tmpfs_works() -> bool:
