@@ -1,7 +1,8 @@
 """Writing folders so that a failure leaves nothing half-written, and reading safetensors headers.
 
 - `atomic_dir(out)`: work in a temporary folder beside OUT, renamed into place at the end
-  (an old OUT survives a failed run); any failure removes the temporary folder.
+  (an old OUT survives a failed run); any failure removes the temporary folder, and a full disk
+  (`is_disk_full`: ENOSPC, EFBIG, EDQUOT) becomes one line with the bytes written and free.
 - Temporaries are named `.OUT.tmp-PID@HOST-XXXX` (`temp_path`): a kill -9 leaves one that says
   whose it was. `remove_stale(out)` (run by every atomic_dir / temp_path of OUT) deletes those
   of OUT whose writer is gone (same host, no such PID); `leftovers(folder)` lists them all.
@@ -14,9 +15,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import socket
@@ -42,6 +45,34 @@ def fsync(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+DISK_FULL_WORDS = ("no space left", "file too large", "quota exceeded", "storagefull")
+# torch.save's writer drops the errno: "file write failed", "unexpected pos N vs M", "iostream error"
+WRITE_FAILED_WORDS = ("file write failed", "unexpected pos", "iostream error")
+
+
+def fsize_limit() -> int | None:
+    """RLIMIT_FSIZE (`ulimit -f`) in bytes, None when unlimited."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
+def is_disk_full(exc: BaseException, folder: Path | None = None, room: int = 64 << 20) -> bool:
+    """ENOSPC / EFBIG / EDQUOT anywhere in EXC's chain (errno or message); an errno-less short write
+    counts when FOLDER has less than ROOM bytes free or a file size limit is set."""
+    seen, short_write = set(), False
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS or any(w in text for w in DISK_FULL_WORDS):
+            return True
+        short_write |= any(w in text for w in WRITE_FAILED_WORDS)
+        exc = exc.__cause__ or exc.__context__
+    if not short_write or folder is None:
+        return False
+    return shutil.disk_usage(folder).free < room or fsize_limit() is not None
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -133,8 +164,14 @@ def atomic_dir(out: Path, overwrite: bool = False):
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
+    except BaseException as e:
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e, out.parent):
+            limit = f" and a file size limit of {fsize_limit():,} bytes is set (ulimit -f)" if fsize_limit() else ""
+            raise BitftError(f"disk full while writing {out} ({written:,} bytes written before it failed, "
+                             f"{shutil.disk_usage(out.parent).free:,} free there{limit}): nothing was kept; "
+                             "free space or choose another --output") from None
         raise
 
 

@@ -89,3 +89,25 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_a_full_disk_during_convert_is_one_line_and_leaves_nothing(tmp_path):
+    """RLIMIT_FSIZE (EFBIG, the path ENOSPC takes too) smaller than the weights: one line, no temporary."""
+    import resource
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    work = tmp_path / "work"
+    work.mkdir()
+    limit = (src / "model.safetensors").stat().st_size // 2
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    r = subprocess.run([sys.executable, "-m", "bitft.cli", "convert", str(src), "--output", str(work / "model")],
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                       preexec_fn=small_files)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"bitft: error: disk full while writing {work / 'model'}"), r.stderr
+    assert f"file size limit of {limit:,} bytes" in lines[0] and "free space or choose another --output" in lines[0]
+    assert list(work.iterdir()) == []

@@ -17,7 +17,7 @@ from bitft.files import fsync
 from bitft.train.preempt import parse_signals
 from bitft.train.resume import (COMPLETE_MARKER, check_complete, check_run, mark_complete, newest_checkpoint,
                                 resume_checkpoint)
-from bitft.train.disk import is_disk_full
+from bitft.files import is_disk_full
 
 RUN = {"tokens_per_step": 128, "shape": "block 32 × micro-batch 2 × accumulation 2 × 1 processes",
        "model": "llama, 1,000 parameters", "data": {"dataset": ["/d/c4.jsonl"], "seed": 0}}
