@@ -120,6 +120,15 @@ class PretrainDataArguments:
 
 
 @dataclass
+class ClusterArguments:
+    # preemption and relaunch (SLURM, Kubernetes): README "Running on a cluster"
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"], metadata={
+        "help": "signals that stop the run after the current optimizer step with a checkpoint (exit 75); [] = none"})
+    allow_batch_change: bool = field(default=False, metadata={
+        "help": "resume a checkpoint with another number of tokens per optimizer step (refused otherwise)"})
+
+
+@dataclass
 class RowDataArguments:
     dataset: list[str] = field(default_factory=list, metadata={"help": "hub dataset id, or local jsonl/json files/folders"})
     dataset_config: str | None = field(default=None, metadata={"help": "hub dataset config"})

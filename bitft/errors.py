@@ -1,7 +1,8 @@
 """One error type for everything a user can get wrong, and one way to report it.
 
 Every problem bitft can name (a bad path, a bad config key, unusable data, a non-finite loss) is
-a `BitftError` whose message is one line that names the problem and the fix. `run_main` is the
+a `BitftError` whose message is one line that names the problem and the fix (a stop on a signal,
+`Preempted`, is reported the same way). `run_main` is the
 one wrapper the CLI and every recipe use: it turns such an error into that line on stderr and an
 exit code (the error's own, or the program's default), and lets anything else through as a bug.
 """
@@ -38,13 +39,23 @@ class NonFiniteLossError(BitftError):
         super().__init__(message or f"loss is {loss} at optimizer step {step}: training stopped")
 
 
+class Preempted(BaseException):
+    """The run stopped on a signal (bitft.train.preempt), its work saved: exit 75, "run me again".
+
+    A BaseException, like KeyboardInterrupt: raised from a signal handler while a library runs, no
+    `except Exception` of that library swallows it."""
+
+    exit_code = 75  # sysexits EX_TEMPFAIL
+    label = ""
+
+
 def run_main(main, prog: str, argv=None, exit_code: int = 1) -> int:
     """main(argv), with a BitftError turned into one line on stderr (`PROG: error: MESSAGE`) and its exit code.
 
     BITFT_DEBUG=1 re-raises instead, for the traceback."""
     try:
         main(argv)
-    except BitftError as e:
+    except (BitftError, Preempted) as e:
         if os.environ.get("BITFT_DEBUG"):
             raise
         print(f"{prog}: {e.label}{e}", file=sys.stderr, flush=True)

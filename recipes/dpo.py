@@ -29,13 +29,14 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly
 from trl.data_utils import is_conversational
 
 import bitft
-from bitft.config import BitDPOConfig, ModelArguments, PreferenceDataArguments, parse_config
+from bitft.config import BitDPOConfig, ClusterArguments, ModelArguments, PreferenceDataArguments, parse_config
 from bitft.data.chat import apply_template_source, build_datasets, require_chat_template
 from bitft.errors import run_main
 from bitft.surgery import bit_linears
 from bitft.train.callbacks import ternary_lambda
 from bitft.train.model import frozen_copy, load_model, lora_config
-from bitft.train.resume import CheckpointMarker
+from bitft.train.preempt import PreemptionCallback
+from bitft.train.resume import CheckpointMarker, check_run, run_record
 from bitft.train.trainer import BitDPOTrainer, finish_run, logger, start_run, train_and_evaluate
 
 KEYS = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_rewards/chosen", "eval_rewards/rejected")
@@ -43,8 +44,10 @@ KEYS = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_re
 
 def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags (TRL's parser)
-    model_args, data_args, args = parse_config((ModelArguments, PreferenceDataArguments, BitDPOConfig), argv)
+    model_args, data_args, cluster_args, args = parse_config(
+        (ModelArguments, PreferenceDataArguments, ClusterArguments, BitDPOConfig), argv)
     resume = start_run(args)
+    preempt = PreemptionCallback(cluster_args.preempt_signals) if cluster_args.preempt_signals else None
 
     # 2. policy at λ=1; data (a held-out slice); the chat template where the pairs are conversations
     model, tokenizer, is_checkpoint = load_model(model_args, lam=1.0)
@@ -61,9 +64,12 @@ def main(argv=None) -> dict:
     #    with the untouched policy before the first step.
     ref_model = None if peft_config is not None or args.precompute_ref_log_probs else frozen_copy(model)
 
+    run = run_record(args, model, data_args)  # checked at resume, kept in each checkpoint's marker
+    if resume is not None:
+        check_run(resume, run, cluster_args.allow_batch_change)
     trainer = BitDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=peft_config,
-                            callbacks=[ternary_lambda(), CheckpointMarker()])
+                            callbacks=[ternary_lambda(), CheckpointMarker(run), *([preempt] if preempt else [])])
     trainer.eval_lambda = 1.0
     results = {"stage": "dpo", "lora": peft_config is not None, "beta": args.beta, "world_size": args.world_size,
                "reference": "adapters disabled" if peft_config is not None else

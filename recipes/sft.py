@@ -26,21 +26,23 @@ import sys
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU
 
-from bitft.config import BitSFTConfig, ChatDataArguments, DistillArguments, ModelArguments, parse_config
+from bitft.config import BitSFTConfig, ChatDataArguments, ClusterArguments, DistillArguments, ModelArguments, parse_config
 from bitft.data.chat import apply_template_source, build_datasets, require_chat_template, resolve_assistant_only
 from bitft.errors import run_main
 from bitft.train.callbacks import ternary_lambda
 from bitft.train.distill import build_teacher
 from bitft.train.model import load_model, lora_config
-from bitft.train.resume import CheckpointMarker
+from bitft.train.preempt import PreemptionCallback
+from bitft.train.resume import CheckpointMarker, check_run, run_record
 from bitft.train.trainer import BitSFTTrainer, finish_run, logger, merged_evaluate, start_run, train_and_evaluate
 
 
 def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags (TRL's parser)
-    model_args, data_args, distill_args, args = parse_config(
-        (ModelArguments, ChatDataArguments, DistillArguments, BitSFTConfig), argv)
+    model_args, data_args, distill_args, cluster_args, args = parse_config(
+        (ModelArguments, ChatDataArguments, DistillArguments, ClusterArguments, BitSFTConfig), argv)
     resume = start_run(args)
+    preempt = PreemptionCallback(cluster_args.preempt_signals) if cluster_args.preempt_signals else None
 
     # 2. model at λ=1 and its chat template
     model, tokenizer, is_checkpoint = load_model(model_args, lam=1.0)
@@ -57,10 +59,13 @@ def main(argv=None) -> dict:
         tokenizer, train_set, eval_set, args.assistant_only_loss, data_args.assistant_only_fallback)
     logger.info("SFT on %d conversations (%d held out); %s", len(train_set), len(eval_set) if eval_set else 0, how)
 
-    # 4. the trainer: λ held at 1, checkpoints marked complete
+    # 4. the trainer: λ held at 1, checkpoints marked complete (with the run's shape), preemption signals
+    run = run_record(args, model, data_args)
+    if resume is not None:
+        check_run(resume, run, cluster_args.allow_batch_change)
     trainer = BitSFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=peft_config,
-                            callbacks=[ternary_lambda(), CheckpointMarker()])
+                            callbacks=[ternary_lambda(), CheckpointMarker(run), *([preempt] if preempt else [])])
     trainer.eval_lambda = 1.0
     if teacher is not None:  # distillation on the completion tokens the SFT loss uses
         trainer.setup_distillation(teacher, distill_args)

@@ -14,6 +14,8 @@ The 2-core CPU demo (SmolLM2-135M on the text shipped with bitft, a few minutes)
 
 Relaunching the same command after a crash or kill -9 resumes from the newest complete checkpoint
 (step, λ, data position, optimizer, RNG). A NaN/inf loss stops the run with its state saved.
+SIGTERM / SIGUSR1 (`preempt_signals`) stop it after the current optimizer step with a checkpoint
+and exit status 75 ("requeue"); a relaunch with other tokens per step, model or data is refused.
 """
 
 from __future__ import annotations
@@ -21,32 +23,37 @@ from __future__ import annotations
 import math
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU
 
 from transformers import TrainingArguments, default_data_collator
 
 import bitft
-from bitft.config import DistillArguments, LambdaArguments, ModelArguments, PretrainDataArguments, parse_config
+from bitft.config import (ClusterArguments, DistillArguments, LambdaArguments, ModelArguments, PretrainDataArguments,
+                          parse_config)
 from bitft.data.pretrain import build_datasets
 from bitft.errors import ConfigError, run_main
 from bitft.train.callbacks import LambdaCallback, ThroughputCallback, install_progress
 from bitft.train.distill import build_teacher
 from bitft.train.model import load_model
-from bitft.train.resume import CheckpointMarker
+from bitft.train.preempt import PreemptionCallback
+from bitft.train.resume import CheckpointMarker, check_run
 from bitft.train.trainer import BitftTrainer, finish_run, logger, start_run, train_and_evaluate
 
 
 def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags
-    model_args, data_args, lambda_args, distill_args, args = parse_config(
-        (ModelArguments, PretrainDataArguments, LambdaArguments, DistillArguments, TrainingArguments), argv)
+    model_args, data_args, lambda_args, distill_args, cluster_args, args = parse_config(
+        (ModelArguments, PretrainDataArguments, LambdaArguments, DistillArguments, ClusterArguments, TrainingArguments),
+        argv)
     if model_args.use_peft:
         raise ConfigError("use_peft: the warmup trains the master weights; LoRA is for the SFT and DPO recipes")
     if args.include_num_input_tokens_seen == "no":  # the Trainer counts tokens (all processes, resumes included)
         args.include_num_input_tokens_seen = "all"
     schedule = lambda_args.schedule()
     resume = start_run(args)
+    preempt = PreemptionCallback(cluster_args.preempt_signals) if cluster_args.preempt_signals else None
 
     # 2. model: BitLinear everywhere the decoder has a linear layer, λ from the schedule; the teacher
     #    (distillation only): by default the model as loaded, full precision, frozen
@@ -61,15 +68,24 @@ def main(argv=None) -> dict:
         split=data_args.dataset_split, text_field=data_args.text_field, shuffle_buffer=data_args.shuffle_buffer,
         max_documents=data_args.max_documents)
     tokens_per_step = data_args.block_size * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    logger.info("optimizer step = %d tokens (block %d × micro-batch %d × accumulation %d × %d processes); %s",
-                tokens_per_step, data_args.block_size, args.per_device_train_batch_size,
-                args.gradient_accumulation_steps, args.world_size, schedule.describe())
+    shape = (f"block {data_args.block_size} × micro-batch {args.per_device_train_batch_size} × accumulation "
+             f"{args.gradient_accumulation_steps} × {args.world_size} processes")
+    logger.info("optimizer step = %d tokens (%s); %s", tokens_per_step, shape, schedule.describe())
+    run = {"tokens_per_step": tokens_per_step, "shape": shape,
+           "model": f"{model.config.model_type}, {sum(p.numel() for p in model.parameters()):,} parameters",
+           "data": {"dataset": [str(Path(d).resolve()) if Path(d).exists() else d for d in data_args.dataset],
+                    "config": data_args.dataset_config, "split": data_args.dataset_split, "field": data_args.text_field,
+                    "seed": args.data_seed if args.data_seed is not None else args.seed,
+                    "shuffle_buffer": data_args.shuffle_buffer, "max_documents": data_args.max_documents}}
+    if resume is not None:
+        check_run(resume, run, cluster_args.allow_batch_change)
 
     # 4. the Trainer, with the λ schedule, throughput and checkpoint-complete callbacks; evaluations at λ=1
     lambda_cb = LambdaCallback(schedule)
     trainer = BitftTrainer(model=model, args=args, train_dataset=train_set,
                            eval_dataset=eval_set if len(eval_set) else None, data_collator=default_data_collator,
-                           processing_class=tokenizer, callbacks=[lambda_cb, ThroughputCallback(), CheckpointMarker()])
+                           processing_class=tokenizer,
+                           callbacks=[lambda_cb, ThroughputCallback(), CheckpointMarker(run), *([preempt] if preempt else [])])
     trainer.eval_lambda = 1.0
     if teacher is not None:
         trainer.setup_distillation(teacher, distill_args)

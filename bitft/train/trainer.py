@@ -5,7 +5,11 @@
   reaches the weights; `train()` then saves the state of the last good step and re-raises with a
   message naming the step. It adds the `log_extras(state)` of any callback (λ, tokens, tokens/s)
   to the training logs, and runs every evaluation at `eval_lambda` (1: the ternary model) with
-  `<prefix>_perplexity` = exp(`<prefix>_loss`).
+  `<prefix>_perplexity` = exp(`<prefix>_loss`). Its checkpoint save marks the checkpoint complete
+  before the rotation (save_total_limit) deletes an older one; a full disk while saving becomes
+  `DiskFullError` (disk.py).
+- `train()`: a non-finite loss saves the last good step; a preemption signal (`preempt.py`)
+  becomes `Preempted` (exit 75) once its checkpoint is complete.
 - `start_run(args)`: output_dir, logging, wandb, the checkpoint to resume from, the seed.
 - `train_and_evaluate(trainer, resume)`: held-out figures before the first step and after the last.
 """
@@ -22,16 +26,19 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
 from trl import DPOTrainer, SFTTrainer
 
 from bitft.errors import ConfigError, NonFiniteLossError
 from bitft.export.gguf_vocab_copy import carry_source_tokenizer
 from bitft.surgery import get_lambda, set_lambda
+from bitft.train.disk import disk_full_error
 from bitft.train.distill import DistillMixin
-from bitft.train.resume import is_complete, resume_checkpoint, save_checkpoint
+from bitft.train.preempt import raise_if_preempted, restore_signals
+from bitft.train.zero_resume import prepare_zero_resume
+from bitft.train.resume import CheckpointMarker, is_complete, resume_checkpoint, save_checkpoint
 
 logger = logging.getLogger("bitft")
-
 
 class BitftTrainerMixin:
     """Mix into a Trainer class (first base): non-finite loss guard, callback log extras, eval λ.
@@ -42,6 +49,27 @@ class BitftTrainerMixin:
     """
 
     eval_lambda: float | None = None
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        """The Trainer's save, then the completion marker, then the rotation (save_total_limit): an
+        older checkpoint is deleted only once the new one is complete. A full disk: `DiskFullError`."""
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial, *args, **kwargs)
+            marker = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, CheckpointMarker)), None)
+            if marker is not None:
+                marker.on_save(self.args, self.state, self.control)  # all processes: barrier, mark, barrier
+        except Exception as e:
+            full = disk_full_error(e, Path(self.args.output_dir), self.state.global_step, self.is_world_process_zero())
+            if full is None:
+                raise
+            raise full from None
+        finally:
+            self.args.save_total_limit = limit
+        if limit and self.args.should_save:
+            rotate_checkpoints(output_dir=self._get_output_dir(trial), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def evaluate(self, *args, **kwargs):
         if self.eval_lambda is None:
@@ -76,9 +104,14 @@ class BitftTrainerMixin:
 
 
 def train(trainer, resume_from_checkpoint=None):
-    """trainer.train(), turning a non-finite loss into a saved state and a clear error."""
+    """trainer.train(), turning a non-finite loss into a saved state and a clear error, and a
+    preemption signal into `Preempted` once its checkpoint is complete."""
+    if resume_from_checkpoint:
+        prepare_zero_resume(trainer, Path(resume_from_checkpoint))  # ZeRO on another world size
     try:
-        return trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+        out = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+        raise_if_preempted(trainer)
+        return out
     except NonFiniteLossError as e:
         step = trainer.state.global_step
         existing = Path(trainer.args.output_dir) / f"checkpoint-{step}"
@@ -92,6 +125,8 @@ def train(trainer, resume_from_checkpoint=None):
             f"loss is {e.loss} at optimizer step {e.step}{lam_txt}, lr={trainer._get_learning_rate():.3g}: "
             f"training stopped before that step changed the weights. The state after step {step} is in {saved}. "
             "Lower the learning rate or check the data, then relaunch the same command to resume.")) from None
+    finally:
+        restore_signals(trainer)  # the run may be part of a longer program (tests, ablation scripts)
 
 
 class BitftTrainer(DistillMixin, BitftTrainerMixin, Trainer):

@@ -127,6 +127,37 @@ def test_resume_reproduces_the_loss_tail(reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_stops_at_the_step_with_a_checkpoint_and_resumes(reference, tmp_path, tiny_bitft):
+    """Preemption (bitft.train.preempt) in the SFT recipe: SIGTERM once checkpoint-3 is complete, to
+    every process as SLURM sends it: stop after step 4 with checkpoint-4; the relaunch gives the reference tail."""
+    import signal
+    import time
+
+    import psutil
+
+    from bitft.train.resume import is_complete, newest_checkpoint
+
+    config = sft_config(tmp_path, tiny_bitft)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_cpu_threads_per_process", "1",
+                             str(REPO / "recipes" / "sft.py"), "--config", str(config)], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (run / "checkpoint-3" / "bitft-complete.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before checkpoint-3"
+        time.sleep(0.002)
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        p.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert "sft: SIGTERM: stopped after optimizer step 4" in out and "exit status 75" in out, out[-3000:]
+    assert newest_checkpoint(run).name == "checkpoint-4" and is_complete(run / "checkpoint-4", checksums=True)
+    sft.main(["--config", str(config)])  # the same command
+    got, want = train_logs(run), train_logs(reference[1])
+    for step in (5, 6):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+
+
+@pytest.mark.slow
 def test_lora_trains_adapters_on_bitlinear_and_reports_the_merge(tmp_path, tiny_bitft):
     config = sft_config(tmp_path, tiny_bitft, use_peft=True, lora_r=4, lora_alpha=8, max_steps=3, save_steps=3)
     results = sft.main(["--config", str(config)])
