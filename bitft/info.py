@@ -48,6 +48,8 @@ def describe_checkpoint(path: str | os.PathLike) -> list[tuple[str, str]]:
     if path.is_file() and path.suffix == ".gguf":
         return describe_gguf(path)
     if not (path / "config.json").is_file():
+        if path.is_dir() and leftover_rows(path):  # a folder of outputs: what interrupted writes left in it
+            return [("path", str(path))] + leftover_rows(path)
         raise BitftError(f"{path} has no config.json: it is not a Hugging Face checkpoint folder")
     config = json.loads((path / "config.json").read_text())
     shards = sorted(path.glob("*.safetensors"))
@@ -96,4 +98,15 @@ def describe_checkpoint(path: str | os.PathLike) -> list[tuple[str, str]]:
                  "bitft": "warns and loads the full-precision weights; import bitft first"}
         rows.append(("stock transformers", stock.get(qc.get("quant_method"), "?")))
     rows.append(("bytes on disk", f"{disk:,} ({_human(disk)})"))
-    return rows
+    return rows + leftover_rows(path) + leftover_rows(path.parent, path.name)
+
+
+def leftover_rows(folder: Path, target: str | None = None) -> list[tuple[str, str]]:
+    """A row per temporary an interrupted export or conversion left in FOLDER (bitft.files.leftovers),
+    only those of TARGET when given."""
+    from bitft.files import leftovers
+
+    return [("leftover", f"{t['path'].name}: {_human(t['bytes'])} of an unfinished write of {t['target']} by process "
+                         f"{t['pid']}" + (f" on {t['host']}" if t["host"] else "") +
+                         (" (gone: the next write of it removes this)" if t["stale"] else " (still running)"))
+            for t in leftovers(folder) if target is None or t["target"] == target]

@@ -111,3 +111,20 @@ def test_a_full_disk_during_convert_is_one_line_and_leaves_nothing(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"bitft: error: disk full while writing {work / 'model'}"), r.stderr
     assert f"file size limit of {limit:,} bytes" in lines[0] and "free space or choose another --output" in lines[0]
     assert list(work.iterdir()) == []
+
+
+def test_info_lists_leftovers_and_the_gguf_export_clears_stale_ones(tmp_path, capsys):
+    """`bitft info` on a folder names what interrupted writes left; the GGUF export's temporary (temp_path)
+    removes the stale ones of its target first."""
+    import socket
+
+    from bitft.cli import main
+    from bitft.files import temp_path
+
+    stale = tmp_path / f".m.gguf.tmp-999999@{socket.gethostname()}"
+    stale.write_bytes(b"x" * 1000)
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert ".m.gguf.tmp-999999" in out and "unfinished write of m.gguf" in out and "the next write of it removes this" in out
+    tmp = temp_path(tmp_path / "m.gguf")
+    assert not stale.exists() and tmp.name.startswith(f".m.gguf.tmp-{os.getpid()}@")
