@@ -149,7 +149,7 @@ def unpack_model(model, dtype) -> tuple[list[str], str]:
     Returns their names and a note on the scales' exactness. The model is left without a quantizer, as a plain model of its class."""
     from transformers.integrations.bitnet import BitLinear as PackedLinear
 
-    from bitft.quant import unpack_ternary
+    from bitft.quant import packed_weight_scale, unpack_ternary, weight_codes
 
     names, errors = [], []
     for name, m in list(model.named_modules()):
@@ -158,13 +158,19 @@ def unpack_model(model, dtype) -> tuple[list[str], str]:
         if m.rms_norm is not None:
             raise BitftError(f"{name} is a packed BitLinear with its own RMSNorm (use_rms_norm): bitft loads such "
                              "exports from the bitft checkpoint they came from, not from the packed files")
-        lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype)
-        master, err = master_weight(unpack_ternary(m.weight), m.weight_scale)
-        errors.append(err)
+        dt = dtype if isinstance(dtype, torch.dtype) else torch.float32  # "auto": float32, where the scales are exact
+        lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dt)
+        codes = unpack_ternary(m.weight)
+        master, _ = master_weight(codes, m.weight_scale)
         with torch.no_grad():
             lin.weight.copy_(master)
             if m.bias is not None:
                 lin.bias.copy_(m.bias)
+        got_codes, inv = weight_codes(lin.weight)  # measured on what is stored (bf16 rounds the master weights)
+        if not torch.equal(got_codes, codes):
+            raise BitftError(f"{name}: its codes do not survive {dt} master weights: load it in float32")
+        target = m.weight_scale.float().reshape(())
+        errors.append(abs(packed_weight_scale(inv) - target).item() / target.item())
         model.set_submodule(name, lin)
         names.append(name)
     if not names:
@@ -176,7 +182,7 @@ def unpack_model(model, dtype) -> tuple[list[str], str]:
     inexact = [e for e in errors if e]
     return names, (f"scales exact on all {len(errors)} layers" if not inexact else
                                    f"scales exact on {len(errors) - len(inexact)} of {len(errors)} layers, the others "
-                                   f"within {max(inexact):.1e} (float32 absmean cannot give them exactly)")
+                                   f"within {max(inexact):.1e} ({'float32 absmean cannot give them exactly' if dt == torch.float32 else f'{dt} master weights; float32 would be exact or within 1.2e-7'})")
 
 
 def master_weight(codes: torch.Tensor, ws: torch.Tensor) -> tuple[torch.Tensor, float]:
