@@ -20,7 +20,7 @@ $BITFT info $RUN/converted
 echo "== 2. λ=0 is the original model; λ=1 untrained is ternary noise"
 $PY scripts/check_conversion.py $RUN/converted --source "$SMOL" --windows 2
 
-echo "== 3. warmup: continued pre-training, λ linear 0 -> 1, held-out λ=1 perplexity before/after"
+echo "== 3. warmup: continued pre-training, ternary from step 0, distilled from the original, held-out λ=1 perplexity before/after"
 .venv/bin/accelerate launch --cpu --num_processes 1 --num_cpu_threads_per_process 2 \
     recipes/warmup_10B.py --config configs/demo/warmup.yaml \
     --model_name_or_path $RUN/converted --output_dir $RUN/warmup
