@@ -127,6 +127,13 @@ def test_hf1bitllm_packed_unpacks_to_the_exact_forward(tmp_path):
     print(f"HF1BitLLM-style: {loaded.what}; max |diff| {(ours - want).abs().max():.2e} of {want.abs().max():.2f}")
     assert "scales exact on" in loaded.what
     assert (ours - want).abs().max() <= 1e-6 * want.abs().max() and torch.equal(ours.argmax(-1), want.argmax(-1))
+    # convert -> packed export -> stock transformers in a fresh process: bitft's λ=1 forward, bit for bit
+    from bitft.export.packed import export_packed
+
+    bitft.convert.convert_checkpoint(str(folder), tmp_path / "ckpt")
+    export_packed(tmp_path / "ckpt", tmp_path / "repacked")
+    again = stock_logits(tmp_path / "repacked", tmp_path)["logits"]
+    assert torch.equal(again, logits(load_model(str(tmp_path / "ckpt")).model))
 
 
 @pytest.mark.slow
