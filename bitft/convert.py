@@ -25,7 +25,7 @@ import torch
 from bitft.bitlinear import check_lambda
 from bitft.card import write_card
 from bitft.errors import BitftError
-from bitft.families import BITFT, FULL, PACKED, check_loading, read_config, recognize, tied_keys
+from bitft.families import FULL, PACKED, check_loading, check_ternary_request, read_config, recognize, tied_keys
 from bitft.export.gguf_vocab_copy import save_source_tokenizer
 from bitft.files import INDEX, atomic_dir, check_output, copy_side_files, safetensors_header
 from bitft.sources import check_causal_lm, load_gguf, resolve_source
@@ -50,13 +50,7 @@ def convert_checkpoint(source: str, output: str | os.PathLike, *, lam: float = 1
     check_output(out, overwrite)
     path = resolve_source(source)
     family = FULL if path.is_file() else recognize(read_config(path))
-    if family is BITFT:
-        raise BitftError(f"{source} is already a bitft checkpoint (λ={read_config(path)['bitft']['lambda']}): "
-                         "change λ with bitft.set_lambda instead of converting again")
-    if family.ternary and (lam != 1.0 or targets or exclude or subln):
-        what = f"λ={lam:g} has no meaning without full-precision weights" if lam != 1.0 else \
-            "its ternary layers are fixed, so --targets, --exclude and --subln do not apply"
-        raise BitftError(f"{source} is already ternary ({family.name}): {what}; convert it without them")
+    check_ternary_request(family, source, lam, targets, exclude, subln)  # a bitft checkpoint: check_causal_lm refuses
     with atomic_dir(out, overwrite) as tmp:
         if family.ternary:
             model, how = _convert_ternary(path, tmp, source, family, lam, targets, exclude, subln)

@@ -82,6 +82,19 @@ def recognize(config: dict) -> Family:
     return FULL
 
 
+def check_ternary_request(family: Family, source, lam: float | None, targets=None, exclude=None, subln=False) -> None:
+    """Refuse, before any weight loads, what has no meaning for an already-ternary model: λ<1 (no
+    full-precision weights to blend) and a layer selection or SubLN (its ternary layers are fixed)."""
+    if not family.ternary:
+        return
+    if lam is not None and lam != 1.0:
+        raise BitftError(f"{source} is already ternary ({family.name}): λ={lam:g} has no meaning without full-precision "
+                         "weights; start at λ=1 (lambda_schedule: constant, lambda_value: 1)")
+    if targets or exclude or subln:
+        raise BitftError(f"{source} is already ternary ({family.name}): its ternary layers are fixed, so targets, "
+                         "exclude and subln do not apply; remove them")
+
+
 def check_loading(info: dict, family: Family, path, tied: set[str] = frozenset()) -> None:
     """Refuse a load that left a checkpoint tensor unused or a model tensor uninitialized."""
     from bitft.surgery import summarize_names

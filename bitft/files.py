@@ -168,11 +168,16 @@ def atomic_dir(out: Path, overwrite: bool = False):
         written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and is_disk_full(e, out.parent):
-            limit = f" and a file size limit of {fsize_limit():,} bytes is set (ulimit -f)" if fsize_limit() else ""
-            raise BitftError(f"disk full while writing {out} ({written:,} bytes written before it failed, "
-                             f"{shutil.disk_usage(out.parent).free:,} free there{limit}): nothing was kept; "
-                             "free space or choose another --output") from None
+            raise disk_full_error(out, written) from None
         raise
+
+
+def disk_full_error(out: Path, written: int) -> BitftError:
+    """The one line for a write of OUT that ran out of disk (or into ulimit -f) after WRITTEN bytes."""
+    limit = f" and a file size limit of {fsize_limit():,} bytes is set (ulimit -f)" if fsize_limit() else ""
+    return BitftError(f"disk full while writing {out} ({written:,} bytes written before it failed, "
+                      f"{shutil.disk_usage(out.parent).free:,} free there{limit}): nothing was kept; "
+                      "free space or choose another --output")
 
 
 def safetensors_header(path: Path) -> dict:

@@ -138,7 +138,7 @@ def load_model(source: str, *, dtype=torch.float32, lam: float | None = None, co
 
     from bitft.surgery import convert_model, get_lambda, set_lambda
 
-    from bitft.families import FULL, load_folder
+    from bitft.families import FULL, check_ternary_request, load_folder, read_config, recognize
 
     path = resolve_source(source)
     family, targets, note = FULL, None, ""
@@ -146,6 +146,7 @@ def load_model(source: str, *, dtype=torch.float32, lam: float | None = None, co
         model, tok = load_gguf(path, dtype)
         what = f"GGUF {path.name} dequantized by transformers ({_dtype(dtype)})"
     else:
+        check_ternary_request(recognize(read_config(path)), source, lam, **(convert or {}))
         model, family, targets, note = load_folder(path, dtype)
         try:
             tok = AutoTokenizer.from_pretrained(path)
@@ -159,12 +160,6 @@ def load_model(source: str, *, dtype=torch.float32, lam: float | None = None, co
             set_lambda(model, lam)
         what = f"bitft checkpoint, λ={get_lambda(model):g}" + (f" (saved at λ={saved:g})" if lam is not None else "")
     elif family.ternary:
-        if lam is not None and lam != 1.0:
-            raise BitftError(f"{source} is already ternary ({family.name}): λ={lam:g} has no meaning without "
-                             "full-precision weights; start at λ=1 (lambda_schedule: constant, lambda_value: 1)")
-        if convert and (convert.get("targets") or convert.get("exclude") or convert.get("subln")):
-            raise BitftError(f"{source} is already ternary ({family.name}): its ternary layers are fixed, "
-                             "so targets, exclude and subln do not apply; remove them")
         model = convert_model(model, lam=1.0, targets=targets)
         what = f"{family.name}, already ternary: {len(targets)} BitLinear layers at λ=1" + (f"; {note}" if note else "")
     elif convert is not None:

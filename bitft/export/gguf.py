@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from bitft.card import write_card
 from bitft.errors import BitftError
-from bitft.files import is_disk_full, temp_path
+from bitft.files import disk_full_error, is_disk_full, temp_path
 from bitft.export.gguf_arch import arch_of, check_config, write_hparams
 from bitft.export.gguf_vocab import gguf_vocab
 from bitft.export.packed import (
@@ -141,9 +140,7 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
         written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
         if isinstance(e, Exception) and is_disk_full(e, out.parent):
-            raise BitftError(f"disk full while writing {out} ({written:,} bytes written before it failed, "
-                             f"{shutil.disk_usage(out.parent).free:,} free there): nothing was kept; "
-                             "free space or choose another --output") from None
+            raise disk_full_error(out, written) from None
         raise
     write_card(out, ckpt)
     return gguf_size_table(counts, out) + [("architecture", f"{gguf.MODEL_ARCH_NAMES[model_arch]}, {vocab.describe()}")]
