@@ -268,3 +268,22 @@ def test_llama_with_bitnet_subln_exports_to_the_bitnet_graph(tmp_path, smollm2_f
     agree, corr = (ours.argmax(-1) == theirs.argmax(-1)).mean(), np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]
     print(f"Llama + subln bitnet in llama.cpp bitnet: next-token agreement {agree:.2f}, correlation {corr:.5f}")
     assert agree >= 0.9 and corr > 0.999
+
+
+@pytest.mark.slow  # fresh stock-transformers processes
+@pytest.mark.parametrize("family", ["1bitllm", "2b4t"])
+def test_ternary_family_convert_packed_export_runs_in_stock_transformers(family, tmp_path):
+    """convert -> --packed -> stock transformers in a fresh process: bitft's λ=1 forward, bit for bit."""
+    from bitft.export.packed import export_packed
+
+    if family == "1bitllm":
+        bitnet_reference(tmp_path / "ref")
+        src = onebitllm_folder(tmp_path / "src", tmp_path / "ref")
+    else:
+        src = tmp_path / "src"
+        bitnet_reference(src, act="relu2", tie=True)
+    bitft.convert.convert_checkpoint(str(src), tmp_path / "ckpt")
+    export_packed(tmp_path / "ckpt", tmp_path / "packed")
+    stock = stock_logits(tmp_path / "packed", tmp_path)
+    assert "BitLinear" in stock["linear_classes"]
+    assert torch.equal(stock["logits"], logits(load_model(str(tmp_path / "ckpt")).model))
