@@ -47,6 +47,7 @@ class Preempted(BaseException):
 
     exit_code = 75  # sysexits EX_TEMPFAIL
     label = ""
+    restore = staticmethod(lambda: None)  # gives the signal handlers back; the stop's handlers ignore until then
 
 
 def run_main(main, prog: str, argv=None, exit_code: int = 1) -> int:
@@ -59,5 +60,7 @@ def run_main(main, prog: str, argv=None, exit_code: int = 1) -> int:
         if os.environ.get("BITFT_DEBUG"):
             raise
         print(f"{prog}: {e.label}{e}", file=sys.stderr, flush=True)
+        if isinstance(e, Preempted):
+            e.restore()
         return e.exit_code if e.exit_code is not None else exit_code
     return 0

@@ -118,6 +118,40 @@ def test_signal_names():
         parse_signals("KILL")
 
 
+def test_a_signal_between_the_stops_save_and_its_line_is_ignored(capsys):
+    """The race CI once hit: SLURM's second SIGTERM after the stop's checkpoint, before `run_main` printed
+    the stop. It must be ignored until the line is out (exit 75), and the handler given back after."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from bitft.errors import Preempted, run_main
+    from bitft.train.preempt import PreemptionCallback, raise_if_preempted
+
+    before = signal.getsignal(signal.SIGUSR1)
+    cb = PreemptionCallback(["SIGUSR1"])
+    args, state = SimpleNamespace(device="cpu", world_size=1, output_dir="run"), SimpleNamespace(global_step=4)
+    control = SimpleNamespace(should_save=False, should_evaluate=True, should_training_stop=False)
+    cb.on_train_begin(args, state, control)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    cb.on_step_end(args, state, control)
+    assert control.should_save and control.should_training_stop and cb.stopped_at == 4
+    cb.on_train_end(args, state, control)
+    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[cb]), args=args)
+    from bitft.train.preempt import restore_signals
+
+    restore_signals(trainer)  # train()'s finally
+    os.kill(os.getpid(), signal.SIGUSR1)  # with the default action this would end the test process
+    assert signal.getsignal(signal.SIGUSR1) == cb._handle
+
+    def main(argv):
+        raise_if_preempted(trainer)
+
+    assert run_main(main, "bitft-warmup", []) == Preempted.exit_code
+    assert "stopped after optimizer step 4" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
 def test_disk_full_is_recognised_through_library_wrappers(tmp_path):
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
     assert is_disk_full(OSError(errno.EFBIG, "File too large"))

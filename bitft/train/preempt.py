@@ -10,7 +10,10 @@ exit that says "requeue me".
   Trainer writes its ordinary checkpoint (`CheckpointMarker` marks it complete) and leaves the loop.
 - `train()` (trainer.py) then raises `Preempted`: exit status 75 (EX_TEMPFAIL, "try again").
   Relaunching the same command resumes from that checkpoint like from any other. The handlers are
-  given back when training ends (after the last step a signal has its usual effect).
+  given back when training ends (after the last step a signal has its usual effect), except after a
+  stop: then they keep ignoring further signals until `run_main` has printed the stop's line (a
+  signal arriving between the save and the exit would otherwise kill the process with the line
+  unprinted and exit -15 instead of 75).
 """
 
 from __future__ import annotations
@@ -67,8 +70,10 @@ class PreemptionCallback(TrainerCallback):
             return
         self.received, self.received_at = sig, time.time()
         if self.phase == "before":
-            raise Preempted(f"{sig.name} before the first optimizer step of this launch: nothing new to save; "
-                            "relaunch the same command to start (or resume) the run")
+            stop = Preempted(f"{sig.name} before the first optimizer step of this launch: nothing new to save; "
+                             "relaunch the same command to start (or resume) the run")
+            stop.restore = self.restore
+            raise stop
         logger.warning("%s received: finishing this optimizer step, then saving a checkpoint and exiting", sig.name)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -88,7 +93,8 @@ class PreemptionCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.restore()  # the checkpoint of a stop is complete; after the last step: the usual action
+        if self.stopped_at is None:
+            self.restore()  # after the last step: the usual action; after a stop: see raise_if_preempted
 
     def restore(self) -> None:
         """Give the signals back the handlers they had (also when the recipe runs inside another program)."""
@@ -98,8 +104,9 @@ class PreemptionCallback(TrainerCallback):
 
 
 def restore_signals(trainer) -> None:
+    """Give the handlers back, unless the run stopped on a signal (then `Preempted.restore` does, once reported)."""
     for cb in trainer.callback_handler.callbacks:
-        if isinstance(cb, PreemptionCallback):
+        if isinstance(cb, PreemptionCallback) and cb.stopped_at is None:
             cb.restore()
 
 
@@ -112,5 +119,7 @@ def raise_if_preempted(trainer) -> None:
     now = time.time()
     took = (f" {now - cb.received_at:.1f} s after the signal (the step ended after {cb.step_ended_at - cb.received_at:.1f} s, "
             f"the checkpoint took {now - cb.step_ended_at:.1f} s)")
-    raise Preempted(f"{cb.received.name}: stopped after optimizer step {cb.stopped_at}, checkpoint {ckpt} complete{took}; "
-                    f"exit status {REQUEUE_EXIT} (requeue): relaunch the same command to resume")
+    stop = Preempted(f"{cb.received.name}: stopped after optimizer step {cb.stopped_at}, checkpoint {ckpt} complete{took}; "
+                     f"exit status {REQUEUE_EXIT} (requeue): relaunch the same command to resume")
+    stop.restore = cb.restore  # called by run_main after the line is printed (or by a caller that catches it)
+    raise stop
