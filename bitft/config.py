@@ -85,6 +85,10 @@ class DistillArguments:
     distill_chunk_size: int = field(default=1024, metadata={"help": "positions per chunk of teacher logits"})
     distill_recompute: bool = field(default=False, metadata={
         "help": "recompute each chunk's KD gradient in the backward pass instead of holding one logits-sized tensor"})
+    distill_top_k: int = field(default=0, metadata={
+        "help": "distill only the teacher's K most likely tokens plus one tail class (0 = the full vocabulary)"})
+    teacher_cache: str | None = field(default=None, metadata={
+        "help": "folder written by `bitft teacher-cache`: the blocks and the teacher's top-k; no teacher runs"})
 
     def __post_init__(self):
         if not 0.0 <= self.distill_alpha <= 1.0:
@@ -95,6 +99,11 @@ class DistillArguments:
             raise ConfigError(f"attention_distill_weight must be >= 0, got {self.attention_distill_weight}")
         if self.distill_chunk_size < 1:
             raise ConfigError(f"distill_chunk_size must be >= 1, got {self.distill_chunk_size}")
+        if self.distill_top_k < 0:
+            raise ConfigError(f"distill_top_k must be >= 0 (0 = the full vocabulary), got {self.distill_top_k}")
+        if self.teacher_cache and (self.attention_distill_weight or not self.distill_alpha):
+            raise ConfigError("teacher_cache holds the teacher's top-k logits only: set distill_alpha > 0 and "
+                              "attention_distill_weight to 0 (relation distillation needs the teacher itself)")
         if self.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
 

@@ -10,6 +10,9 @@ z_T / z_S: the teacher's / student's next-token logits (α = `distill_alpha`, τ
 time (`distill_chunk_size`), once: each chunk's gradient τ·(p_S − p_T) is written in the forward pass
 into one logits-sized tensor. `distill_recompute: true` holds no such tensor and recomputes each
 chunk in the backward pass instead (a 128k vocabulary at long sequences: memory over time).
+`distill_top_k: K` distills only the teacher's K most likely tokens plus one tail class
+(bitft.train.sparse_kd); a batch that carries them (`teacher_logp`, `teacher_ids`: a teacher cache,
+bitft.train.teacher_cache) needs no teacher at all.
 
 L_attn is MiniLM-v2's multi-head self-attention relation distillation at one layer (default the
 last): for X in {Q, K, V} (the layer's q/k/v projection outputs, captured by forward hooks, so any
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 
 from bitft.bitlinear import BitLinear
 from bitft.errors import ConfigError
+from bitft.train.sparse_kd import _chunks, sparse_kd_sum, teacher_top_k
 
 logger = logging.getLogger("bitft")
 
@@ -86,14 +90,6 @@ def build_teacher(student: nn.Module, student_tokenizer, name_or_path: str | Non
 
 
 # ----------------------------------------------------------------------------- the losses
-
-def _chunks(mask: torch.Tensor, chunk_size: int):
-    """(row, start) of every chunk of CHUNK_SIZE positions that holds a masked position."""
-    for b in range(mask.shape[0]):
-        for i in range(0, mask.shape[1], chunk_size):
-            if mask[b, i:i + chunk_size].any():
-                yield b, i
-
 
 class _ChunkedKD(torch.autograd.Function):
     """τ² Σ KL(p_T ‖ p_S) one chunk at a time, with ∂/∂z_S = τ · (p_S − p_T) (masked). KEEP: each chunk's
@@ -216,17 +212,22 @@ class DistillMixin:
     `attention_loss`), averaged over the optimizer steps since the previous log."""
 
     teacher: nn.Module | None = None
+    teacher_cached: bool = False
     distill_alpha: float = 0.0
     distill_temperature: float = 1.0
     attention_weight: float = 0.0
     distill_chunk_size: int = 1024
     distill_recompute: bool = False
+    distill_top_k: int = 0
 
-    def setup_distillation(self, teacher: nn.Module, args) -> None:
-        self.teacher = teacher.to(self.accelerator.device)
+    def setup_distillation(self, teacher: nn.Module | None, args) -> None:
+        """TEACHER None: the batches carry the teacher's top-k (a teacher cache)."""
+        self.teacher = teacher.to(self.accelerator.device) if teacher is not None else None
+        self.teacher_cached = teacher is None
         self.distill_alpha, self.distill_temperature = args.distill_alpha, args.distill_temperature
         self.attention_weight, self.distill_chunk_size = args.attention_distill_weight, args.distill_chunk_size
         self.distill_recompute = getattr(args, "distill_recompute", False)
+        self.distill_top_k = getattr(args, "distill_top_k", 0)
         self._distill_sums: dict[str, float] = {}
         self._distill_count = 0
         if self.attention_weight:
@@ -237,7 +238,7 @@ class DistillMixin:
 
     @property
     def distilling(self) -> bool:
-        return self.teacher is not None and (self.distill_alpha > 0 or self.attention_weight > 0)
+        return (self.teacher is not None or self.teacher_cached) and (self.distill_alpha > 0 or self.attention_weight > 0)
 
     def _scale(self, num_items_in_batch, n_local) -> tuple[float, float]:
         """(factor on a per-token sum that normalizes it like the Trainer's CE, share of an optimizer step's
@@ -248,6 +249,7 @@ class DistillMixin:
         return world / float(num_items_in_batch), 1.0  # already a share of the step's normalization
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cached = {k: inputs.pop(k) for k in ("teacher_logp", "teacher_ids") if k in inputs}  # never the model's inputs
         if not (self.distilling and model.training):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -255,15 +257,30 @@ class DistillMixin:
         mask = labels[:, 1:] != -100  # the tokens the cross-entropy counts (SFT: the completions)
         attention_mask = inputs.get("attention_mask")
         teacher_kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        # inference_mode (no version counters, no views tracked) unless the backward recomputes from the hidden states
-        with torch.no_grad() if (self.distill_recompute or self.attention_weight) else torch.inference_mode():
-            hidden = self.teacher.base_model(**teacher_kwargs).last_hidden_state
+        hidden = None
+        if not cached or self.attention_weight:
+            # inference_mode (no version counters, no views tracked) unless the backward recomputes from the hidden states
+            with torch.no_grad() if (self.distill_recompute or self.attention_weight) else torch.inference_mode():
+                hidden = self.teacher.base_model(**teacher_kwargs).last_hidden_state
         scale, share = self._scale(num_items_in_batch, int(mask.sum()))
         loss = ce * (1 - self.distill_alpha)
         terms = {"ce_loss": ce.detach().float()}
+        if self.teacher_cached and not cached:
+            raise ConfigError("teacher_cache: a training batch came without the teacher's top-k (teacher_logp, "
+                              "teacher_ids); the Trainer must keep those columns (remove_unused_columns: false)")
         if self.distill_alpha > 0:
-            kd_sum = kd_loss_sum(outputs.logits[:, :-1], hidden[:, :-1], self.teacher.get_output_embeddings(), mask,
-                                 self.distill_temperature, self.distill_chunk_size, keep_grad=not self.distill_recompute)
+            if cached:  # the teacher cache's top-k, stored for the inputs' positions (next-token at each)
+                kd_sum = sparse_kd_sum(outputs.logits[:, :-1], cached["teacher_logp"][:, :-1], cached["teacher_ids"][:, :-1],
+                                       mask, self.distill_temperature, self.distill_chunk_size)
+            elif self.distill_top_k:
+                with torch.inference_mode():
+                    logp, ids = teacher_top_k(hidden[:, :-1], self.teacher.get_output_embeddings(), self.distill_top_k,
+                                              self.distill_temperature, self.distill_chunk_size)
+                kd_sum = sparse_kd_sum(outputs.logits[:, :-1], logp, ids, mask, self.distill_temperature,
+                                       self.distill_chunk_size)
+            else:
+                kd_sum = kd_loss_sum(outputs.logits[:, :-1], hidden[:, :-1], self.teacher.get_output_embeddings(), mask,
+                                     self.distill_temperature, self.distill_chunk_size, keep_grad=not self.distill_recompute)
             kd = kd_sum * scale
             loss = loss + self.distill_alpha * kd
             terms["kd_loss"] = kd.detach()
