@@ -151,6 +151,15 @@ def _eval(args) -> None:
     print(f"\n{result['seconds']:.0f} s")
 
 
+def _teacher_cache(args) -> None:
+    from bitft.train.teacher_cache import cache_for_recipe
+
+    m = cache_for_recipe(["--config", args.config, *args.recipe_flags], Path(args.output), top_k=args.top_k,
+                         batch_size=args.batch_size, max_blocks=args.max_blocks, overwrite=args.overwrite)
+    print(f"{args.output}: {m['blocks']:,} blocks ({m['tokens']:,} tokens), top {m['top_k']} at τ={m['temperature']:g}, "
+          f"{m['bytes'] / 2**20:.1f} MiB ({m['bytes_per_token'] * 1e6 / 2**30:.2f} GiB per million tokens), {m['seconds']:.0f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitft", description="Turn Hugging Face causal LMs into BitNet b1.58 models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -218,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bars (on stderr)")
     ev.set_defaults(func=_eval)
 
+    tc = sub.add_parser("teacher-cache", help="run the distillation teacher once over a warmup recipe's blocks: "
+                                              "its top-k log-probabilities, for runs with `teacher_cache: DIR`")
+    tc.add_argument("--config", required=True, help="the warmup recipe's YAML (model, data, τ, teacher)")
+    tc.add_argument("--output", "-o", required=True, help="folder to write")
+    tc.add_argument("--top-k", type=int, default=32, help="teacher tokens kept per position (default 32)")
+    tc.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward (default 8)")
+    tc.add_argument("--max-blocks", type=int, help="only the first N training blocks (default: all; a stream: max_steps' worth)")
+    tc.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    tc.set_defaults(func=_teacher_cache)
+
     i = sub.add_parser("info", help="print what a checkpoint is, as a table")
     i.add_argument("checkpoint", help="checkpoint folder, .gguf file, or smollm2")
     i.set_defaults(func=_info)
@@ -228,7 +247,10 @@ def main(argv=None) -> int:
     from bitft.errors import run_main
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "teacher-cache" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.recipe_flags = extra  # teacher-cache: the recipe's own --key value overrides
     if getattr(args, "targets", None) and getattr(args, "target_regex", None):
         parser.error("give --targets or --target-regex, not both")
     if getattr(args, "exclude", None) and getattr(args, "exclude_regex", None):

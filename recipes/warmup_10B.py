@@ -10,7 +10,8 @@ The 2-core CPU demo (SmolLM2-135M on the text shipped with bitft, a few minutes)
 
     source ─▶ convert (BitLinear, λ=0) ─▶ Trainer: every optimizer step λ = schedule(step)
            ─▶ checkpoints (marked complete) ─▶ held-out λ=1 perplexity ─▶ converted checkpoint
-    [distill_alpha / attention_distill_weight > 0: the loss also distills the full-precision teacher]
+    [distill_alpha / attention_distill_weight > 0: the loss also distills the full-precision teacher;
+     teacher_cache: its top-k precomputed by `bitft teacher-cache --config` of this recipe, no teacher runs]
 
 Relaunching the same command after a crash or kill -9 resumes from the newest complete checkpoint
 (step, λ, data position, optimizer, RNG). A NaN/inf loss stops the run with its state saved.
@@ -39,6 +40,7 @@ from bitft.train.distill import build_teacher
 from bitft.train.model import load_model
 from bitft.train.preempt import PreemptionCallback
 from bitft.train.resume import CheckpointMarker, check_run
+from bitft.train.teacher_cache import CachedBlocks, data_identity
 from bitft.train.trainer import BitftTrainer, finish_run, logger, start_run, train_and_evaluate
 
 
@@ -58,8 +60,8 @@ def main(argv=None) -> dict:
     # 2. model: BitLinear everywhere the decoder has a linear layer, λ from the schedule; the teacher
     #    (distillation only): by default the model as loaded, full precision, frozen
     model, tokenizer, _ = load_model(model_args, lam=schedule(0))
-    teacher = build_teacher(model, tokenizer, distill_args.teacher_name_or_path,
-                            distill_args.torch_teacher_dtype()) if distill_args.active else None
+    teacher = build_teacher(model, tokenizer, distill_args.teacher_name_or_path, distill_args.torch_teacher_dtype()) \
+        if distill_args.active and not distill_args.teacher_cache else None
 
     # 3. data: packed blocks of block_size tokens, a held-out eval slice, a seeded order
     train_set, eval_set = build_datasets(
@@ -73,10 +75,12 @@ def main(argv=None) -> dict:
     logger.info("optimizer step = %d tokens (%s); %s", tokens_per_step, shape, schedule.describe())
     run = {"tokens_per_step": tokens_per_step, "shape": shape,
            "model": f"{model.config.model_type}, {sum(p.numel() for p in model.parameters()):,} parameters",
-           "data": {"dataset": [str(Path(d).resolve()) if Path(d).exists() else d for d in data_args.dataset],
-                    "config": data_args.dataset_config, "split": data_args.dataset_split, "field": data_args.text_field,
-                    "seed": args.data_seed if args.data_seed is not None else args.seed,
-                    "shuffle_buffer": data_args.shuffle_buffer, "max_documents": data_args.max_documents}}
+           "data": data_identity(data_args, args.data_seed if args.data_seed is not None else args.seed)}
+    if distill_args.teacher_cache:  # the same blocks, with the teacher's top-k: no teacher in this run
+        train_set = CachedBlocks(distill_args.teacher_cache, distill_args.distill_top_k)
+        train_set.check(block_size=data_args.block_size, temperature=distill_args.distill_temperature,
+                        data=run["data"], tokenizer=tokenizer)
+        args.remove_unused_columns = False  # teacher_logp / teacher_ids reach compute_loss
     if resume is not None:
         check_run(resume, run, cluster_args.allow_batch_change)
 
@@ -87,15 +91,16 @@ def main(argv=None) -> dict:
                            processing_class=tokenizer,
                            callbacks=[lambda_cb, ThroughputCallback(), CheckpointMarker(run), *([preempt] if preempt else [])])
     trainer.eval_lambda = 1.0
-    if teacher is not None:
+    if distill_args.active:
         trainer.setup_distillation(teacher, distill_args)
     install_progress(trainer, lambda_cb)
     results = {"tokens_per_step": tokens_per_step, "world_size": args.world_size,
                "engine": trainer.accelerator.distributed_type.value,
                "distill": {"alpha": distill_args.distill_alpha, "temperature": distill_args.distill_temperature,
                            "attention_weight": distill_args.attention_distill_weight,
-                           "teacher": distill_args.teacher_name_or_path or "the starting model, full precision"}
-               if teacher is not None else None}
+                           "teacher": distill_args.teacher_name_or_path or "the starting model, full precision",
+                           "top_k": distill_args.distill_top_k, "teacher_cache": distill_args.teacher_cache}
+               if distill_args.active else None}
 
     # 5. train (resuming where a killed run stopped), held-out figures before (fresh start) and after
     results.update(train_and_evaluate(trainer, resume, evaluate=bool(eval_set)))

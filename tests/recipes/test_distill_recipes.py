@@ -80,3 +80,37 @@ def test_distill_keys_are_checked(tmp_path, tiny_llama_folder):
     config = tiny_config(tmp_path, tiny_llama_folder, distill_alpha=1.5)
     with pytest.raises(ConfigError, match=r"distill_alpha must be in \[0, 1\]"):
         warmup_10B.main(["--config", str(config)])
+
+
+def test_teacher_cache_trains_like_the_live_top_k_teacher_with_no_teacher(tmp_path, tiny_llama_folder, monkeypatch):
+    """`bitft teacher-cache` over the recipe's blocks, then a run against it: the losses of the run whose
+    teacher computed the same top-k live (float16 storage: 1e-3), no teacher built; mismatches refused."""
+    from bitft.cli import main as cli
+
+    over = dict(max_steps=4, save_steps=100, distill_alpha=0.5, distill_temperature=2.0, distill_top_k=8)
+    live_config = tiny_config(tmp_path, tiny_llama_folder, **over)
+    warmup_10B.main(["--config", str(live_config)])
+    live = train_logs(tmp_path / "run")
+    cache = tmp_path / "cache"
+    assert cli(["teacher-cache", "--config", str(live_config), "--output", str(cache), "--top-k", "16"]) == 0
+    manifest = json.loads((cache / "cache.json").read_text())
+    assert manifest["top_k"] == 16 and manifest["temperature"] == 2.0 and manifest["block_size"] == 32
+    assert 4 + 16 * 4 <= manifest["bytes_per_token"] < (4 + 16 * 4) * 1.1  # int32 token, float16 + uint16 per k
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher was built for a run with teacher_cache")
+
+    monkeypatch.setattr(warmup_10B, "build_teacher", no_teacher)
+    (tmp_path / "cached").mkdir()
+    cached_config = tiny_config(tmp_path / "cached", tiny_llama_folder, teacher_cache=str(cache), **over)
+    results = warmup_10B.main(["--config", str(cached_config)])
+    got = train_logs(tmp_path / "cached" / "run")
+    assert results["distill"]["teacher_cache"] == str(cache)
+    for s in range(1, 5):
+        assert got[s]["kd_loss"] == pytest.approx(live[s]["kd_loss"], rel=2e-3), s
+        assert got[s]["loss"] == pytest.approx(live[s]["loss"], rel=1e-3), s
+
+    with pytest.raises(ConfigError, match=r"was written for block_size 32 \(the recipe: 16\)"):
+        warmup_10B.main(["--config", str(cached_config), "--block_size", "16", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ConfigError, match=r"distill_top_k=32 but teacher_cache .* holds the top 16"):
+        warmup_10B.main(["--config", str(cached_config), "--distill_top_k", "32", "--output_dir", str(tmp_path / "y")])
