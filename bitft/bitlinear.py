@@ -108,6 +108,8 @@ _LAST = threading.local()  # the codes of the last input tensor, while that tens
 
 
 def _activation_codes_shared(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.is_inference():  # no version counter to tell an in-place change: quantized afresh every time
+        return activation_codes(x)
     last = getattr(_LAST, "entry", None)
     if last is not None and last[0]() is x and last[1] == x._version:
         return last[2], last[3]

@@ -108,6 +108,19 @@ def test_tiny_model_equals_its_packed_twin_bit_for_bit(tokens):
         assert torch.equal(model(tokens).logits, ours)
 
 
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_inference_mode_gives_the_no_grad_logits(tokens, lam):
+    """torch.inference_mode (generation in many serving stacks, the distillation teacher's path): inference
+    tensors have no version counter, so their activation codes are not shared; the logits are the same."""
+    model = bitft.convert_model(tiny_model("llama"), lam=lam).eval()
+    with torch.no_grad():
+        want = model(tokens).logits
+    with torch.inference_mode():
+        got = model(tokens).logits
+        generated = model.generate(tokens[:1, :4], max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want) and generated.shape == (1, 7)
+
+
 def test_lambda_zero_and_between_keep_the_old_formula():
     m = layer(lam=0.0)
     x = torch.randn(5, 64)
