@@ -1,7 +1,8 @@
 """Train-step time and peak memory: the plain model against BitLinear at λ=1, λ=0.5 and with distillation.
 
     python scripts/bench_train.py [--shapes smollm2 llama2048] [--repeats 2] [--steps 3] [--threads 2]
-                                  [--impls plain fast blend kd kd_recompute reference] [--device cpu|cuda]
+                                  [--impls plain fast blend kd kd_topk kd_cache kd_recompute reference]
+                                  [--top-k 32] [--device cpu|cuda]
                                   [--mmap-threshold BYTES]
 
 A step is forward + backward + AdamW step on a random-init Llama (no download) with random tokens.
@@ -16,7 +17,9 @@ impls: `plain` = the unconverted model; `fast` = bitft's BitLinear at λ=1 (int8
 cached weight codes, integer matmul); `blend` = the same at λ=0.5 (a λ warmup's steps); `kd` = `fast`
 plus logits distillation from the full-precision teacher (0.5·CE + 0.5·KL, bitft.train.distill: the
 teacher under inference_mode, each chunk's gradient kept from the forward); `kd_recompute` = the same
-with `distill_recompute` (the backward recomputes the teacher's logits); `reference` = BitLinear
+with `distill_recompute` (the backward recomputes the teacher's logits); `kd_topk` = `kd` against the
+teacher's top-k plus a tail class (bitft.train.sparse_kd, `distill_top_k`); `kd_cache` = the same
+top-k read from a teacher cache (computed before the timed steps: the step has no teacher); `reference` = BitLinear
 running the textbook fake-quant forward (`BitLinear.fake_quant_forward`, bitft ≤ 0.1).
 
 Prints a markdown table, one row per shape and impl: step seconds and peak memory, each also as a
@@ -47,10 +50,11 @@ SHAPES = {
 
 
 IMPLS = {"plain": "plain model", "fast": "BitLinear λ=1", "blend": "BitLinear λ=0.5", "kd": "BitLinear λ=1 + KD",
-         "kd_recompute": "BitLinear λ=1 + KD, recompute", "reference": "fake-quant λ=1 (bitft ≤ 0.1)"}
+         "kd_recompute": "BitLinear λ=1 + KD, recompute", "kd_topk": "BitLinear λ=1 + KD top-k",
+         "kd_cache": "BitLinear λ=1 + KD top-k, teacher cache", "reference": "fake-quant λ=1 (bitft ≤ 0.1)"}
 
 
-def run_case(shape: str, impl: str, steps: int, threads: int, device: str) -> dict:
+def run_case(shape: str, impl: str, steps: int, threads: int, device: str, top_k: int = 32) -> dict:
     import resource
 
     import torch
@@ -73,17 +77,31 @@ def run_case(shape: str, impl: str, steps: int, threads: int, device: str) -> di
     ids = torch.randint(0, spec["config"]["vocab_size"], (b, t), device=device)
     cuda = device == "cuda"
 
-    teacher = None
+    teacher = cached = None
     if impl.startswith("kd"):
         from bitft.train.distill import kd_loss_sum, plain_copy
+        from bitft.train.sparse_kd import sparse_kd_sum, teacher_top_k
 
-        teacher, keep = plain_copy(model), impl == "kd"
+        teacher, keep = plain_copy(model), impl != "kd_recompute"
         mask = torch.ones(b, t - 1, dtype=torch.bool, device=device)
+        if impl == "kd_cache":  # what CachedBlocks gives a step: float16 log-probs, ids, read before it
+            with torch.inference_mode():
+                hidden = teacher.base_model(input_ids=ids).last_hidden_state[:, :-1]
+                logp, top = teacher_top_k(hidden, teacher.get_output_embeddings(), top_k)
+            cached, teacher = (logp.half().clone(), top.to(torch.int32).clone()), None
 
     def loss_of():
         out = model(input_ids=ids, labels=ids)
+        if cached is not None:
+            kd = sparse_kd_sum(out.logits[:, :-1], cached[0].float(), cached[1].long(), mask)
+            return 0.5 * out.loss + 0.5 * kd / mask.sum()
         if teacher is None:
             return out.loss
+        if impl == "kd_topk":
+            with torch.inference_mode():
+                hidden = teacher.base_model(input_ids=ids).last_hidden_state[:, :-1]
+                logp, top = teacher_top_k(hidden, teacher.get_output_embeddings(), top_k)
+            return 0.5 * out.loss + 0.5 * sparse_kd_sum(out.logits[:, :-1], logp, top, mask) / mask.sum()
         with torch.inference_mode() if keep else torch.no_grad():
             hidden = teacher.base_model(input_ids=ids).last_hidden_state
         kd = kd_loss_sum(out.logits[:, :-1], hidden[:, :-1], teacher.get_output_embeddings(), mask, keep_grad=keep)
@@ -114,10 +132,11 @@ def run_case(shape: str, impl: str, steps: int, threads: int, device: str) -> di
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--impls", nargs="+", default=["plain", "fast", "blend", "kd"], choices=list(IMPLS))
+    p.add_argument("--impls", nargs="+", default=["plain", "fast", "blend", "kd", "kd_topk", "kd_cache"], choices=list(IMPLS))
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per case (best of)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warmup step")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=32, help="kd_topk / kd_cache: teacher tokens per position")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="glibc MALLOC_MMAP_THRESHOLD_ for every case: blocks above it are mmapped and returned "
@@ -129,7 +148,7 @@ def main():
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.case:
-        print("RESULT " + json.dumps(run_case(*args.case, args.steps, args.threads, args.device)), flush=True)
+        print("RESULT " + json.dumps(run_case(*args.case, args.steps, args.threads, args.device, args.top_k)), flush=True)
         return
 
     import torch
@@ -143,7 +162,7 @@ def main():
         for shape in args.shapes:
             for impl in args.impls:
                 cmd = [sys.executable, __file__, "--case", shape, impl, "--steps", str(args.steps),
-                       "--threads", str(args.threads), "--device", args.device]
+                       "--threads", str(args.threads), "--device", args.device, "--top-k", str(args.top_k)]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
                 if out.returncode or not line:
