@@ -23,8 +23,9 @@ dequantized values instead and agrees to float32 rounding (~1e-7 relative), not 
 
 Saved for the backward at λ = 1: the int8 activation codes and their per-token scales (1 byte per
 value; layers fed the same input tensor, like q/k/v, share one set), and the weight's 2-bit codes
-from the cache below; no float copy of either. Below λ = 1 the input x' itself is saved, as
-nn.Linear does. Autocast: the integer product and the scales run in float32 and y is cast to the
+from the cache below; no float copy of either. Below λ = 1 the blended input lerp(x', xc/a, λ) is
+computed once per input tensor (shared like the codes) and saved in place of x', so the backward
+does not blend it again. Autocast: the integer product and the scales run in float32 and y is cast to the
 autocast dtype; the backward's matmuls run in that dtype (bf16 backward under bf16 autocast).
 
 Weight cache (once per optimizer step): the codes of a trainable weight are computed at its first
@@ -107,15 +108,28 @@ def is_zero3_param(p: torch.Tensor) -> bool:
 _LAST = threading.local()  # the codes of the last input tensor, while that tensor lives
 
 
-def _activation_codes_shared(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _activation_codes_shared(x: torch.Tensor, lam: float = 1.0, dtype=None):
+    """(xc, a, xb): x's activation codes, and for 0 < λ < 1 the blended input lerp(x, xc/a, λ) in DTYPE
+    (None at λ = 1), computed once for all the layers fed the same tensor (q/k/v, gate/up)."""
+    blended = lam != 1.0
     if x.is_inference():  # no version counter to tell an in-place change: quantized afresh every time
-        return activation_codes(x)
+        xc, a = activation_codes(x)
+        return xc, a, _blend_input(x, xc, a, lam, dtype) if blended else None
     last = getattr(_LAST, "entry", None)
-    if last is not None and last[0]() is x and last[1] == x._version:
-        return last[2], last[3]
-    xc, a = activation_codes(x)
-    _LAST.entry = (weakref.ref(x, lambda _: setattr(_LAST, "entry", None)), x._version, xc, a)
-    return xc, a
+    if last is None or last[0]() is not x or last[1] != x._version:
+        xc, a = activation_codes(x)
+        last = _LAST.entry = [weakref.ref(x, lambda _: setattr(_LAST, "entry", None)), x._version, xc, a, {}]
+    xb = None
+    if blended:
+        xb = last[4].get((lam, dtype))
+        if xb is None:
+            xb = last[4][(lam, dtype)] = _blend_input(x, last[2], last[3], lam, dtype)
+    return last[2], last[3], xb
+
+
+def _blend_input(x, xc, a, lam, dtype):
+    with torch.no_grad():  # a constant of BitLinearFunction (its grad_x is the straight-through one)
+        return torch.lerp(x, dequantize(xc, a, x.dtype, "xq"), lam).to(dtype)
 
 
 # ----------------------------------------------------------------------------- the autograd function
@@ -123,7 +137,7 @@ class BitLinearFunction(torch.autograd.Function):
     """y = BitLinear(x) for λ > 0 with straight-through gradients; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, xc, a, wstore, inv, lam, out_dtype, save_weight):
+    def forward(ctx, x, weight, bias, xc, a, xb, wstore, inv, lam, out_dtype, save_weight):
         k = x.shape[-1]
         lead = x.shape[:-1]
         wc = codes_of(wstore)
@@ -134,11 +148,10 @@ class BitLinearFunction(torch.autograd.Function):
                 if bias is not None:
                     y += bias.to(out_dtype)
                 saved = (xc, a)
-            else:
-                xb = torch.lerp(x, dequantize(xc, a, x.dtype, "xq"), lam).to(out_dtype)
+            else:  # xb = lerp(x, xc/a, λ), shared by the layers fed x; saved: the backward's grad_W needs it
                 wb = torch.lerp(weight, dequantize(wc, inv, weight.dtype, "wf"), lam).to(out_dtype)
                 y = F.linear(xb, wb, None if bias is None else bias.to(out_dtype))
-                saved = (x, xc, a)
+                saved = (xb,)
         ctx.lam, ctx.lead, ctx.has_bias = lam, lead, bias is not None
         ctx.x_dtype, ctx.w_dtype, ctx.out_dtype = x.dtype, weight.dtype, out_dtype
         ctx.b_dtype = None if bias is None else bias.dtype
@@ -157,9 +170,8 @@ class BitLinearFunction(torch.autograd.Function):
         lam, dt = ctx.lam, ctx.out_dtype
         if lam == 1.0:
             xc, a, *rest = ctx.saved_tensors
-            x = None
         else:
-            x, xc, a, *rest = ctx.saved_tensors
+            xb, *rest = ctx.saved_tensors
         if ctx.save_weight:
             (weight,) = rest
             wc, inv = weight_codes(weight)
@@ -180,13 +192,11 @@ class BitLinearFunction(torch.autograd.Function):
             grad_x = gy.mm(wq.to(dt)).reshape(*ctx.lead, k).to(ctx.x_dtype)
             del wq
         if ctx.needs_input_grad[1]:
-            xq = dequantize(xc, a, ctx.x_dtype, "xq")
-            if lam != 1.0:
-                xq = torch.lerp(x, xq, lam, out=xq)
+            xq = dequantize(xc, a, ctx.x_dtype, "xq") if lam == 1.0 else xb
             grad_w = gy.t().mm(xq.reshape(-1, k).to(dt)).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy.sum(0).to(ctx.b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 class BitLinear(nn.Linear):
@@ -239,10 +249,10 @@ class BitLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        xc, a = _activation_codes_shared(x)
+        xc, a, xb = _activation_codes_shared(x, lam, out_dtype)
         wc, inv, cached = self.weight_codes()
         save_weight = not cached  # then the backward re-quantizes the weight instead of holding its codes
-        return BitLinearFunction.apply(x, self.weight, self.bias, xc, a, wc, inv, lam, out_dtype, save_weight)
+        return BitLinearFunction.apply(x, self.weight, self.bias, xc, a, xb, wc, inv, lam, out_dtype, save_weight)
 
     def fake_quant_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The textbook fake-quant forward (bitft ≤ 0.1): dequantized float copies into F.linear,

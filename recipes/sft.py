@@ -28,7 +28,7 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly
 
 from bitft.config import BitSFTConfig, ChatDataArguments, ClusterArguments, DistillArguments, ModelArguments, parse_config
 from bitft.data.chat import apply_template_source, build_datasets, require_chat_template, resolve_assistant_only
-from bitft.errors import run_main
+from bitft.errors import ConfigError, run_main
 from bitft.train.callbacks import ternary_lambda
 from bitft.train.distill import build_teacher
 from bitft.train.model import load_model, lora_config
@@ -41,6 +41,9 @@ def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags (TRL's parser)
     model_args, data_args, distill_args, cluster_args, args = parse_config(
         (ModelArguments, ChatDataArguments, DistillArguments, ClusterArguments, BitSFTConfig), argv)
+    if distill_args.teacher_cache:
+        raise ConfigError("teacher_cache: `bitft teacher-cache` caches the warmup recipe's blocks; SFT distills "
+                          "from a live teacher (distill_top_k works here)")
     resume = start_run(args)
     preempt = PreemptionCallback(cluster_args.preempt_signals) if cluster_args.preempt_signals else None
 

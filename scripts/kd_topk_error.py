@@ -33,7 +33,7 @@ def main():
     from bitft.train.distill import kd_loss_sum, plain_copy
     from bitft.train.sparse_kd import sparse_kd_sum, teacher_top_k
 
-    student = load_model(args.student, lam=1.0)
+    student = load_model(args.student, lam=1.0, convert={})  # a full-precision source: converted on the fly
     tok = student.tokenizer
     teacher = plain_copy(load_model(args.teacher).model) if args.teacher else plain_copy(student.model)
     bitft.set_lambda(student.model, 1.0)
@@ -49,7 +49,7 @@ def main():
     (g_full,) = torch.autograd.grad(full, z_s)
     print(f"student {args.student} (λ=1), teacher {args.teacher or args.student + ' (λ=0)'}; "
           f"{int(mask.sum())} positions, τ={tau:g}, vocabulary {head.weight.shape[0]:,}; full KL/token "
-          f"{float(full) / int(mask.sum()):.4f}\n")
+          f"{float(full.detach()) / int(mask.sum()):.4f}\n")
     print("| k | teacher mass in top k | sparse KL / full KL | gradient cosine | gradient rel. L2 error | cache bytes/token |")
     print("|---|---|---|---|---|---|")
     id_bytes = 2 if head.weight.shape[0] <= 1 << 16 else 4
@@ -60,7 +60,7 @@ def main():
         cos = torch.nn.functional.cosine_similarity(g.flatten(), g_full.flatten(), dim=0)
         rel = (g - g_full).norm() / g_full.norm()
         mass = logp.exp().sum(-1).mean()
-        print(f"| {k} | {float(mass):.4f} | {float(sparse / full):.4f} | {float(cos):.4f} | {float(rel):.4f} | "
+        print(f"| {k} | {float(mass):.4f} | {float(sparse.detach() / full.detach()):.4f} | {float(cos):.4f} | {float(rel):.4f} | "
               f"{4 + k * (2 + id_bytes)} |")
 
 

@@ -229,6 +229,18 @@ def test_layers_fed_the_same_input_share_one_set_of_activation_codes(monkeypatch
     assert len(calls) == 2
 
 
+def test_below_lambda_one_the_blended_input_is_computed_once_and_saved_instead_of_x():
+    """λ = 0.5: q/k/v save one shared lerp(x, xc/a, λ) (not x plus its codes), and it is not part of
+    the autograd graph itself (the gradient to x is the straight-through one, checked elsewhere)."""
+    q, k, v = (layer(64, n, seed=s, lam=0.5) for n, s in ((64, 1), (16, 2), (16, 3)))
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    saved = saved_by(lambda: (q(x), k(x), v(x)))
+    acts = [t for t in saved if t.shape == x.shape]
+    assert len(acts) == 3 and len({t.data_ptr() for t in acts}) == 1 and acts[0].grad_fn is None
+    assert not any(t is x for t in saved) and not any(t.dtype == torch.int8 and t.shape == x.shape for t in saved)
+    torch.testing.assert_close(acts[0], bitft.quant.blend(x, quantize_activation(x), 0.5), rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- weight cache
 def count_weight_quantizations(monkeypatch):
     calls = []

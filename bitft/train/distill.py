@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from bitft.bitlinear import BitLinear
 from bitft.errors import ConfigError
-from bitft.train.sparse_kd import _chunks, sparse_kd_sum, teacher_top_k
+from bitft.train.sparse_kd import masked_chunks, sparse_kd_sum, teacher_top_k
 
 logger = logging.getLogger("bitft")
 
@@ -100,7 +100,7 @@ class _ChunkedKD(torch.autograd.Function):
     def forward(ctx, student_logits, teacher_hidden, weight, bias, mask, temperature, chunk_size, keep):
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
         grad = torch.zeros_like(student_logits) if keep else None
-        for b, i in _chunks(mask, chunk_size):
+        for b, i in masked_chunks(mask, chunk_size):
             log_p_t, log_p_s = _log_probs(student_logits, teacher_hidden, weight, bias, temperature, b, i, chunk_size)
             p_t = log_p_t.exp()
             m = mask[b, i:i + chunk_size]
@@ -123,7 +123,7 @@ class _ChunkedKD(torch.autograd.Function):
         bias = bias[0] if bias else None
         tau, size = ctx.temperature, ctx.chunk_size
         grad = torch.zeros_like(student_logits)
-        for b, i in _chunks(mask, size):
+        for b, i in masked_chunks(mask, size):
             log_p_t, log_p_s = _log_probs(student_logits, teacher_hidden, weight, bias, tau, b, i, size)
             g = (log_p_s.exp() - log_p_t.exp()) * (tau * mask[b, i:i + size, None] * grad_out)
             grad[b, i:i + size] = g.to(grad.dtype)

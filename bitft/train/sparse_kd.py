@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _chunks(mask: torch.Tensor, chunk_size: int):
+def masked_chunks(mask: torch.Tensor, chunk_size: int):
     """(row, start) of every chunk of CHUNK_SIZE positions that holds a masked position."""
     for b in range(mask.shape[0]):
         for i in range(0, mask.shape[1], chunk_size):
@@ -72,7 +72,7 @@ class _SparseKD(torch.autograd.Function):
     def forward(ctx, student_logits, t_logp, t_ids, mask, temperature, chunk_size):
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
         grad = torch.zeros_like(student_logits)
-        for b, i in _chunks(mask, chunk_size):
+        for b, i in masked_chunks(mask, chunk_size):
             sl = slice(i, i + chunk_size)
             kl, g = _chunk_terms(student_logits[b, sl], t_logp[b, sl].float(), t_ids[b, sl].long(), temperature)
             m = mask[b, sl]

@@ -114,3 +114,9 @@ def test_teacher_cache_trains_like_the_live_top_k_teacher_with_no_teacher(tmp_pa
         warmup_10B.main(["--config", str(cached_config), "--block_size", "16", "--output_dir", str(tmp_path / "x")])
     with pytest.raises(ConfigError, match=r"distill_top_k=32 but teacher_cache .* holds the top 16"):
         warmup_10B.main(["--config", str(cached_config), "--distill_top_k", "32", "--output_dir", str(tmp_path / "y")])
+
+
+def test_sft_refuses_a_teacher_cache(tmp_path, tiny_bitft):  # noqa: F811 (fixture)
+    config = sft_config(tmp_path, tiny_bitft, distill_alpha=0.5, teacher_cache=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="teacher_cache: .* caches the warmup recipe's blocks"):
+        sft.main(["--config", str(config)])
