@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
         tokenizer, data_args.dataset, block_size=data_args.block_size, eval_blocks=data_args.eval_blocks,
         seed=args.data_seed if args.data_seed is not None else args.seed, dataset_config=data_args.dataset_config,
         split=data_args.dataset_split, text_field=data_args.text_field, shuffle_buffer=data_args.shuffle_buffer,
-        max_documents=data_args.max_documents)
+        max_documents=data_args.max_documents, eval_only=bool(distill_args.teacher_cache))
     tokens_per_step = data_args.block_size * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     shape = (f"block {data_args.block_size} × micro-batch {args.per_device_train_batch_size} × accumulation "
              f"{args.gradient_accumulation_steps} × {args.world_size} processes")

@@ -126,8 +126,9 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
 
 def build_datasets(tokenizer, dataset: list[str] | str, *, block_size: int, eval_blocks: int, seed: int,
                    dataset_config: str | None = None, split: str = "train", text_field: str = "text",
-                   shuffle_buffer: int = 10_000, max_documents: int | None = None):
-    """(train, eval) datasets of packed blocks. Local files → PackedBlocks; a hub id → StreamedBlocks."""
+                   shuffle_buffer: int = 10_000, max_documents: int | None = None, eval_only: bool = False):
+    """(train, eval) datasets of packed blocks. Local files → PackedBlocks; a hub id → StreamedBlocks.
+    EVAL_ONLY: (None, eval), the training documents not tokenized (a teacher cache holds its blocks)."""
     if block_size < 2:
         raise DataError(f"block_size must be at least 2 tokens, got {block_size}")
     sources = [dataset] if isinstance(dataset, str) else list(dataset)
@@ -144,6 +145,8 @@ def build_datasets(tokenizer, dataset: list[str] | str, *, block_size: int, eval
             texts = texts[:max_documents]
         docs = tokenized_docs(tokenizer, texts)
         eval_set = PackedBlocks(eval_blocks_from(docs, eval_blocks, block_size, eos))
+        if eval_only:
+            return None, eval_set
         train = PackedBlocks(list(pack(docs, block_size, eos)))
         if len(train) == 0:
             raise DataError(f"no training block of {block_size} tokens is left after the eval slice: add data")
@@ -167,4 +170,4 @@ def build_datasets(tokenizer, dataset: list[str] | str, *, block_size: int, eval
 
     eval_set = PackedBlocks(eval_blocks_from(tokenized_docs(tokenizer, counted(make_texts()), batch=1),
                                              eval_blocks, block_size, eos))
-    return StreamedBlocks(make_texts, read, tokenizer, block_size), eval_set
+    return None if eval_only else StreamedBlocks(make_texts, read, tokenizer, block_size), eval_set

@@ -252,6 +252,9 @@ class DistillMixin:
         cached = {k: inputs.pop(k) for k in ("teacher_logp", "teacher_ids") if k in inputs}  # never the model's inputs
         if not (self.distilling and model.training):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.teacher_cached and not cached:  # there is no teacher to fall back on
+            raise ConfigError("teacher_cache: a training batch came without the teacher's top-k (teacher_logp, "
+                              "teacher_ids); the Trainer must keep those columns (remove_unused_columns: false)")
         ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         labels = inputs["labels"]
         mask = labels[:, 1:] != -100  # the tokens the cross-entropy counts (SFT: the completions)
@@ -265,17 +268,13 @@ class DistillMixin:
         scale, share = self._scale(num_items_in_batch, int(mask.sum()))
         loss = ce * (1 - self.distill_alpha)
         terms = {"ce_loss": ce.detach().float()}
-        if self.teacher_cached and not cached:
-            raise ConfigError("teacher_cache: a training batch came without the teacher's top-k (teacher_logp, "
-                              "teacher_ids); the Trainer must keep those columns (remove_unused_columns: false)")
         if self.distill_alpha > 0:
             if cached:  # the teacher cache's top-k, stored for the inputs' positions (next-token at each)
                 kd_sum = sparse_kd_sum(outputs.logits[:, :-1], cached["teacher_logp"][:, :-1], cached["teacher_ids"][:, :-1],
                                        mask, self.distill_temperature, self.distill_chunk_size)
             elif self.distill_top_k:
-                with torch.inference_mode():
-                    logp, ids = teacher_top_k(hidden[:, :-1], self.teacher.get_output_embeddings(), self.distill_top_k,
-                                              self.distill_temperature, self.distill_chunk_size)
+                logp, ids = teacher_top_k(hidden[:, :-1], self.teacher.get_output_embeddings(), self.distill_top_k,
+                                          self.distill_temperature, self.distill_chunk_size)
                 kd_sum = sparse_kd_sum(outputs.logits[:, :-1], logp, ids, mask, self.distill_temperature,
                                        self.distill_chunk_size)
             else:

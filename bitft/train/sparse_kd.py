@@ -32,7 +32,7 @@ def masked_chunks(mask: torch.Tensor, chunk_size: int):
                 yield b, i
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def teacher_top_k(hidden: torch.Tensor, lm_head: torch.nn.Module, k: int, temperature: float = 1.0,
                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's top-K log-probabilities at τ and their token ids, [B, T, K] each (float32, int64),
@@ -56,12 +56,13 @@ def _chunk_terms(z_s: torch.Tensor, t_logp: torch.Tensor, t_ids: torch.Tensor, t
     p_t = t_logp.exp()
     r_t = (1.0 - p_t.sum(-1)).clamp_min(0.0)
     r_s = p_s.scatter(-1, t_ids, 0.0).sum(-1)  # the tail summed directly: no 1 − (≈1) cancellation
-    head = (p_t * (t_logp - log_p_s.gather(-1, t_ids))).sum(-1)
+    log_p_s_k = log_p_s.gather(-1, t_ids)
+    head = (p_t * (t_logp - log_p_s_k)).sum(-1)
     has_tail = r_t > 0
     tail = torch.where(has_tail, r_t * (torch.log(r_t.clamp_min(1e-30)) - torch.log(r_s.clamp_min(1e-30))), 0.0)
     scale = torch.where(has_tail, r_t / r_s.clamp_min(1e-30), 0.0)
     grad = p_s * (1.0 - scale)[:, None]  # off K: p_S − r_T·p_S/r_S
-    grad.scatter_(-1, t_ids, p_s.gather(-1, t_ids) - p_t)
+    grad.scatter_(-1, t_ids, log_p_s_k.exp() - p_t)
     return head + tail, grad
 
 

@@ -17,6 +17,7 @@ line, a cache made from other data, block size, tokenizer or τ.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -65,28 +66,25 @@ def write_cache(teacher, tokenizer, blocks, out: Path, *, top_k: int, temperatur
         def flush():
             if rows["input_ids"]:
                 name = f"blocks-{len(shards):05d}.safetensors"
-                save_file({k: torch.cat(v) for k, v in rows.items()}, str(tmp / name))
-                shards.append({"file": name, "blocks": sum(len(x) for x in rows["input_ids"])})
+                shard = {k: torch.cat(v) for k, v in rows.items()}
+                save_file(shard, str(tmp / name))
+                shards.append({"file": name, "blocks": len(shard["input_ids"])})
                 for v in rows.values():
                     v.clear()
 
-        batch: list[torch.Tensor] = []
-        for row in [*blocks, None]:
-            if row is not None:
-                batch.append(torch.as_tensor(row["input_ids"]))
-            if batch and (row is None or len(batch) == batch_size):
-                ids = torch.stack(batch).to(device)
-                with torch.inference_mode():
-                    hidden = teacher.base_model(input_ids=ids).last_hidden_state
-                    logp, top = teacher_top_k(hidden, teacher.get_output_embeddings(), top_k, temperature, chunk_size)
-                rows["input_ids"].append(ids.cpu().to(torch.int32))
-                rows["teacher_logp"].append(logp.cpu().to(torch.float16))
-                rows["teacher_ids"].append(top.cpu().to(id_dtype))
-                n += len(batch)
-                batch = []
-                if sum(len(x) for x in rows["input_ids"]) >= shard_blocks:
-                    flush()
-                    logger.info("teacher cache: %d blocks, %.0f s", n, time.time() - start)
+        it = iter(blocks)  # read as it goes: a stream's blocks are never all in memory
+        while batch := list(itertools.islice(it, batch_size)):
+            ids = torch.stack([torch.as_tensor(r["input_ids"]) for r in batch]).to(device)
+            with torch.inference_mode():
+                hidden = teacher.base_model(input_ids=ids).last_hidden_state
+                logp, top = teacher_top_k(hidden, teacher.get_output_embeddings(), top_k, temperature, chunk_size)
+            rows["input_ids"].append(ids.cpu().to(torch.int32))
+            rows["teacher_logp"].append(logp.cpu().to(torch.float16))
+            rows["teacher_ids"].append(top.cpu().to(id_dtype))
+            n += len(batch)
+            if n - sum(s["blocks"] for s in shards) >= shard_blocks:
+                flush()
+                logger.info("teacher cache: %d blocks, %.0f s", n, time.time() - start)
         flush()
         if n == 0:
             raise ConfigError("the recipe's data gave no training block to cache")
@@ -173,8 +171,6 @@ class CachedBlocks(torch.utils.data.Dataset):
 def cache_for_recipe(argv: list[str], out: Path, *, top_k: int, batch_size: int = 8, max_blocks: int | None = None,
                      overwrite: bool = False) -> dict:
     """`bitft teacher-cache`: the cache of the warmup recipe's training blocks, ARGV its `--config FILE [--key value ...]`."""
-    import itertools
-
     from transformers import TrainingArguments
 
     from bitft.config import (ClusterArguments, DistillArguments, LambdaArguments, ModelArguments,
@@ -198,8 +194,7 @@ def cache_for_recipe(argv: list[str], out: Path, *, top_k: int, batch_size: int 
         max_blocks = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         if max_blocks <= 0:
             raise ConfigError("the recipe streams its data and sets no max_steps: pass --max-blocks")
-    blocks = train_set if max_blocks is None else itertools.islice(iter(train_set), max_blocks) \
-        if not isinstance(train_set, PackedBlocks) else [train_set[i] for i in range(min(max_blocks, len(train_set)))]
+    blocks = train_set if max_blocks is None else itertools.islice(iter(train_set), max_blocks)
     return write_cache(teacher, tokenizer, blocks, out, top_k=top_k, temperature=distill_args.distill_temperature,
                        block_size=data_args.block_size, data=data_identity(data_args, seed),
                        teacher_name=distill_args.teacher_name_or_path or f"{model_args.model_name_or_path} (full precision)",
