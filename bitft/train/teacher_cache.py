@@ -179,6 +179,8 @@ def cache_for_recipe(argv: list[str], out: Path, *, top_k: int, batch_size: int 
     from bitft.train.distill import build_teacher
     from bitft.train.model import load_model
 
+    if top_k < 1:  # before any weight loads
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     model_args, data_args, _, distill_args, _, args = parse_config(
         (ModelArguments, PretrainDataArguments, LambdaArguments, DistillArguments, ClusterArguments, TrainingArguments),
         argv)
