@@ -24,12 +24,12 @@ replaced. A card is written to a temporary file beside it, then renamed into pla
 from __future__ import annotations
 
 import json
-import os
 import re
 from math import prod
 from pathlib import Path
 
 from bitft.errors import BitftError
+from bitft.files import write_text_atomic
 
 TAGS = ["bitnet", "1.58-bit", "bitft"]
 RECIPES = {"warmup": "recipes/warmup_10B.py", "sft": "recipes/sft.py", "dpo": "recipes/dpo.py"}
@@ -246,14 +246,16 @@ def write_card(target, checkpoint, *, name: str | None = None, source: str | Non
     body = [f"# {name}", "", "A BitNet b1.58 model (ternary linear layers, int8 activations) made with bitft.", "",
             "## What it is", "", *[f"- **{k}**: {v}" for k, v in facts + _facts(config)], "", HISTORY, "",
             *(lines or ["- (no record of its source was found)"]), "", "## How to load it", "", _load(kind, name, target), ""]
+    if kind == "gguf":
+        check_card_free(target, written=True)
+    return write_text_atomic(card_path(target), str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))))
+
+
+def check_card_free(target, written: bool = False) -> None:
+    """A GGUF's card is NAME.md beside it: refuse a NAME.md that bitft did not write (the export checks
+    before writing anything; WRITTEN: TARGET is already in place)."""
     path = card_path(target)
-    if kind == "gguf" and path.is_file() and not read_card(target)[0]:
-        raise BitftError(f"{path} exists and is not a bitft model card: {target} is written, its card is not "
-                         "(move that file away and export again)")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    if path.is_file() and not read_card(target)[0]:
+        raise BitftError(f"{path} exists and is not a bitft model card: " + (
+            f"{target} is written, its card is not (move that file away and export again)" if written
+            else "move that file away, or choose another --output"))

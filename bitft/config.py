@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
@@ -265,11 +264,11 @@ def save_recipe_config(args, name: str, results: dict) -> None:
     (a valid --config for the same recipe), and note in RESULTS which file and flags they came from."""
     import yaml
 
+    from bitft.files import write_text_atomic
+
     record = getattr(args, "bitft_recipe", None)
     if record is None:
         return
     path = Path(args.output_dir) / f"{name}_config.yaml"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(record["values"], sort_keys=True, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(record["values"], sort_keys=True, allow_unicode=True))
     results["config"] = {"file": record["file"], "flags": record["flags"]}

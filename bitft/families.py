@@ -54,7 +54,6 @@ ONEBITLLM = Family("1bitLLM BitNet", True, "architectures [BitnetForCausalLM] (m
 PACKED = Family("packed BitNet", True, "quantization_config quant_method bitnet, linear_class bitlinear (or none)")
 BITNET = Family("BitNet (master weights)", True, "model_type bitnet, quantization online or none")
 FULL = Family("full precision", False, "anything else")
-FAMILIES = (BITFT, ONEBITLLM, PACKED, BITNET, FULL)
 
 ONEBITLLM_KEYS = {r"\.self_attn\.inner_attn_ln\.": ".self_attn.attn_sub_norm.",
                   r"\.mlp\.ffn_layernorm\.": ".mlp.ffn_sub_norm."}

@@ -96,6 +96,18 @@ def temp_path(out: str | os.PathLike, kind: str = "tmp", unique: bool = False) -
     return out.with_name(f".{out.name}.{kind}-{os.getpid()}@{_host()}{suffix}")
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """PATH's text written beside it (`temp_path`) and renamed over it: never half-written."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _writer_gone(pid: int, host: str | None) -> bool:
     """True when the writer is known to be dead: same host and no process with that PID."""
     if host is not None and host != _host():

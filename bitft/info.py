@@ -48,8 +48,9 @@ def describe_checkpoint(path: str | os.PathLike) -> list[tuple[str, str]]:
     if path.is_file() and path.suffix == ".gguf":
         return describe_gguf(path)
     if not (path / "config.json").is_file():
-        if path.is_dir() and leftover_rows(path):  # a folder of outputs: what interrupted writes left in it
-            return [("path", str(path))] + leftover_rows(path)
+        rows = leftover_rows(path) if path.is_dir() else []
+        if rows:  # a folder of outputs: what interrupted writes left in it
+            return [("path", str(path))] + rows
         raise BitftError(f"{path} has no config.json: it is not a Hugging Face checkpoint folder")
     config = json.loads((path / "config.json").read_text())
     shards = sorted(path.glob("*.safetensors"))

@@ -18,9 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-PLACEMENTS = {False: "off", True: "all", "bitnet": "bitnet"}
-SUBLN_NAMES = ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
-
 
 def parse_subln(value) -> bool | str:
     """False, True or "bitnet" from a flag or config value (bool, "true"/"all", "false"/"off", "bitnet")."""

@@ -25,6 +25,7 @@ tabulates. The machinery (train, evaluate, parser) is scripts/warmup_ablation.py
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -61,11 +62,11 @@ def step_costs(d: Path) -> list[float]:
 def probe(a, out: Path, env) -> dict:
     """CPU seconds per step of each cost class: the median of steps 3.. of a short run."""
     costs = {}
+    run = argparse.Namespace(**{**vars(a), "steps": a.probe_steps, "eval_steps": a.probe_steps})  # a: the user's
     for kind, flags in PROBES.items():
-        a.steps, a.eval_steps = a.probe_steps, a.probe_steps
         if kind != "blend":
-            flags = flags + schedule("ce", a.steps)
-        train(f"probe_{kind}", flags + ["--logging_steps", "1"], a, [], out, env)
+            flags = flags + schedule("ce", run.steps)
+        train(f"probe_{kind}", flags + ["--logging_steps", "1"], run, [], out, env)
         costs[kind] = statistics.median(step_costs(out / f"probe_{kind}")[2:])
     costs["ramp"] = (costs["blend"] + costs["ce"]) / 2  # λ<1 for the first half
     costs["ramp10"] = 0.1 * costs["blend"] + 0.9 * costs["ce"]
@@ -74,9 +75,9 @@ def probe(a, out: Path, env) -> dict:
 
 def run_variant(name: str, steps: int, seed: int, a, extra, out: Path, env) -> dict:
     kind, flags = VARIANTS[name]
-    a.steps, a.eval_steps = steps, max(1, steps // 6)
+    run = argparse.Namespace(**{**vars(a), "steps": steps, "eval_steps": max(1, steps // 6)})
     tag = f"{name}-{steps}steps-seed{seed}"
-    train(tag, flags + schedule(kind, steps) + ["--seed", str(seed), "--logging_steps", "1"], a, extra, out, env)
+    train(tag, flags + schedule(kind, steps) + ["--seed", str(seed), "--logging_steps", "1"], run, extra, out, env)
     d = out / tag
     hist = json.loads((d / "trainer_state.json").read_text())["log_history"]
     cpu = {h["step"]: h["step_cpu_seconds"] for h in hist if "step_cpu_seconds" in h}
@@ -112,6 +113,8 @@ def main():
     p.add_argument("--first-seed", type=int, default=42, help="seed of round 1")
     p.add_argument("--probe-steps", type=int, default=6, help="steps of each cost probe")
     a, extra = p.parse_known_args()
+    if a.probe_steps < 4:  # the median is over steps 3.. (the first two warm up)
+        p.error(f"--probe-steps must be at least 4, got {a.probe_steps}")
     out, env, t0 = start(a)
     full_steps = a.steps
     costs = probe(a, out, env)

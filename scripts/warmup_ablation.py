@@ -69,7 +69,7 @@ def train(variant: str, flags: list[str], a, extra: list[str], out: Path, env: d
     same settings."""
     d = out / variant
     settings = {"model": a.model, "config": a.config, "steps": a.steps, "eval_steps": a.eval_steps,
-                "flags": flags, "extra": extra}
+                "flags": [*PLAIN, *flags], "extra": extra}
     done = d / "ablation_settings.json"
     if (d / "warmup_results.json").is_file() and done.is_file() and json.loads(done.read_text()).get("settings") == settings:
         print(f"{variant}: finished earlier, kept", flush=True)

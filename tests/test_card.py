@@ -131,5 +131,11 @@ def test_gguf_card_never_replaces_a_file_that_is_not_a_bitft_card(gguf_export, t
     for _ in range(2):  # its own card is replaced
         assert write_card(tmp_path / "other.gguf", tmp / "ckpt") == tmp_path / "other.md"
     assert read_card(tmp_path / "other.gguf")[0]["library_name"] == "gguf"
+    (tmp_path / "mine.md").write_text("my notes\n")  # the export itself refuses before writing anything
+    from bitft.export.gguf import export_gguf
+
+    with pytest.raises(BitftError, match=r"mine\.md exists and is not a bitft model card: move that file away"):
+        export_gguf(tmp / "ckpt", tmp_path / "mine.gguf")
+    assert not (tmp_path / "mine.gguf").exists() and not list(tmp_path.glob(".mine*"))
     (tmp_path / "named.bin").symlink_to(tmp / "m.gguf")  # `-o FILE` need not end in .gguf
     assert write_card(tmp_path / "named.bin", tmp / "ckpt") == tmp_path / "named.md"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bitft.card import write_card
+from bitft.card import check_card_free, write_card
 from bitft.errors import BitftError
 from bitft.files import disk_full_error, is_disk_full, temp_path
 from bitft.export.gguf_arch import arch_of, check_config, write_hparams
@@ -58,6 +58,7 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
     out = Path(output)
     if out.exists() and not overwrite:
         raise BitftError(f"{out} exists: pass --overwrite to replace it, or choose another --output")
+    check_card_free(out)  # its card goes beside it: refused now, not after the GGUF is in place
     ckpt = Path(checkpoint)
     config, adapter = read_checkpoint_config(ckpt, merge_lora)
     source = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]) if adapter else ckpt

@@ -30,6 +30,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from trl import DPOTrainer, SFTTrainer
 
 from bitft.errors import ConfigError, NonFiniteLossError
+from bitft.files import write_text_atomic
 from bitft.export.gguf_vocab_copy import carry_source_tokenizer
 from bitft.surgery import get_lambda, set_lambda
 from bitft.train.disk import disk_full_error
@@ -187,10 +188,7 @@ def finish_run(trainer, results: dict, name: str, report) -> dict:
 
         save_recipe_config(trainer.args, name, results)
         carry_source_tokenizer(trainer.accelerator.unwrap_model(trainer.model), trainer.args.output_dir)
-        path = Path(trainer.args.output_dir) / f"{name}_results.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, path)
+        path = write_text_atomic(Path(trainer.args.output_dir) / f"{name}_results.json", json.dumps(results, indent=1))
         write_card(path.parent, path.parent)
         report(results)
     return results
