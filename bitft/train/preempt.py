@@ -2,8 +2,10 @@
 exit that says "requeue me".
 
 - `PreemptionCallback(signals)` installs its handlers when created (before the model loads). A
-  handler only records the signal. Before training begins there is nothing to save: it raises
-  `Preempted` at once (one line). A second signal while stopping is logged and ignored.
+  handler only records the signal and writes one line to fd 2, never through `logging` (a signal
+  that lands while the process writes to stderr would make that a reentrant call). Before training
+  begins there is nothing to save: it raises `Preempted` at once (one line). A second signal while
+  stopping is counted and ignored.
 - `on_step_end` (after the optimizer step): every process all-reduces (MAX) the signal it
   received, one integer per optimizer step, so all ranks stop after the same step even when the
   signal reached them at different moments. Then `should_save` + `should_training_stop`: the
@@ -19,6 +21,7 @@ exit that says "requeue me".
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 
@@ -30,6 +33,15 @@ from bitft.errors import ConfigError, Preempted
 logger = logging.getLogger("bitft")
 
 REQUEUE_EXIT = Preempted.exit_code  # 75, sysexits EX_TEMPFAIL: a temporary failure, run the same command again
+
+
+def _say(message: str) -> None:
+    """One WARNING line on stderr from a signal handler: a single unbuffered write, no lock taken."""
+    line = f"{time.strftime('%H:%M:%S')} WARNING bitft: {message}\n".encode()
+    try:
+        os.write(2, line)
+    except OSError:  # stderr closed: the line is also in the stop's message
+        pass
 
 
 def parse_signals(names) -> list[signal.Signals]:
@@ -57,16 +69,19 @@ class PreemptionCallback(TrainerCallback):
         self.phase = "before"  # "training" from on_train_begin; on_train_end gives the handlers back
         self.stopped_at: int | None = None  # the step saved, once all ranks agreed to stop
         self.step_ended_at: float | None = None
+        self.ignored = 0  # further signals while stopping
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         if self.signals:
             logger.info("on %s: checkpoint after the current optimizer step, then exit %d (requeue)",
                         " or ".join(s.name for s in self.signals), REQUEUE_EXIT)
 
     def _handle(self, signum, frame):
+        """Record the signal. No logging here: a handler that writes through sys.stderr while the
+        interrupted code is inside a write to it raises "reentrant call"; one os.write is safe."""
         sig = signal.Signals(signum)
         if self.received is not None:
-            logger.warning("%s received while stopping on %s: ignored, the checkpoint is being written", sig.name,
-                           self.received.name)
+            self.ignored += 1
+            _say(f"{sig.name} received while stopping on {self.received.name}: ignored, the checkpoint is being written")
             return
         self.received, self.received_at = sig, time.time()
         if self.phase == "before":
@@ -74,7 +89,7 @@ class PreemptionCallback(TrainerCallback):
                              "relaunch the same command to start (or resume) the run")
             stop.restore = self.restore
             raise stop
-        logger.warning("%s received: finishing this optimizer step, then saving a checkpoint and exiting", sig.name)
+        _say(f"{sig.name} received: finishing this optimizer step, then saving a checkpoint and exiting")
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.phase = "training"
@@ -119,7 +134,8 @@ def raise_if_preempted(trainer) -> None:
     now = time.time()
     took = (f" {now - cb.received_at:.1f} s after the signal (the step ended after {cb.step_ended_at - cb.received_at:.1f} s, "
             f"the checkpoint took {now - cb.step_ended_at:.1f} s)")
-    stop = Preempted(f"{cb.received.name}: stopped after optimizer step {cb.stopped_at}, checkpoint {ckpt} complete{took}; "
+    again = f"; {cb.ignored} later signal(s) ignored" if cb.ignored else ""
+    stop = Preempted(f"{cb.received.name}: stopped after optimizer step {cb.stopped_at}, checkpoint {ckpt} complete{took}{again}; "
                      f"exit status {REQUEUE_EXIT} (requeue): relaunch the same command to resume")
     stop.restore = cb.restore  # called by run_main after the line is printed (or by a caller that catches it)
     raise stop

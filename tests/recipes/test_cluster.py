@@ -84,24 +84,61 @@ def ignore(*signals):
     return setup
 
 
+def subreaper(on: bool) -> None:
+    """PR_SET_CHILD_SUBREAPER: a worker orphaned by its killed launcher becomes this process's child, so
+    its exit status can be read (a worker that dies without its stop line is then named)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0)
+
+
+def reap(processes) -> str:
+    """The exit status of each of PROCESSES that became a child of this one (after subreaper(True))."""
+    import os
+
+    got = []
+    for p in processes[1:]:
+        try:
+            pid, status = os.waitpid(p.pid, 0)
+            got.append(f"pid {pid}: exit {os.waitstatus_to_exitcode(status)}")
+        except ChildProcessError:
+            got.append(f"pid {p.pid}: not a child")
+    return "; ".join(got)
+
+
 def preempt(config, sig, launcher="cpu", ignored=(), second=False):
-    """Launch, send SIG to every process once checkpoint-3 is complete; (stdout+stderr, seconds)."""
+    """Launch, send SIG to every process once checkpoint-3 is complete; (stdout+stderr, seconds).
+
+    The output is read as it comes (a full pipe would block the workers' writes), and the workers'
+    exit statuses are appended to it (faulthandler on: a crash prints its traceback)."""
+    import threading
+
     cmd, e = command(config, launcher=launcher)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=ignore(*ignored))
-    run = Path(yaml_value(config, "output_dir"))
-    wait_for(run / "checkpoint-3" / "bitft-complete.json", proc)
-    processes = tree(proc)
-    assert len(processes) >= 2  # the launcher and its worker(s)
-    t0 = time.time()
-    signal_all(processes, sig)
-    if second:  # again while the checkpoint of the stop is being written
-        wait_for(run / f"checkpoint-{STOP_AT}", proc, processes, timeout=60)
+    e["PYTHONFAULTHANDLER"] = "1"
+    subreaper(True)
+    try:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, preexec_fn=ignore(*ignored))
+        chunks = []
+        reader = threading.Thread(target=lambda: chunks.extend(proc.stdout), daemon=True)
+        reader.start()
+        run = Path(yaml_value(config, "output_dir"))
+        wait_for(run / "checkpoint-3" / "bitft-complete.json", proc)
+        processes = tree(proc)
+        assert len(processes) >= 2  # the launcher and its worker(s)
+        t0 = time.time()
         signal_all(processes, sig)
-    out, _ = proc.communicate(timeout=240)  # until every process of the group closed the pipe
-    seconds = time.time() - t0
+        if second:  # again while the checkpoint of the stop is being written
+            wait_for(run / f"checkpoint-{STOP_AT}", proc, processes, timeout=60)
+            signal_all(processes, sig)
+        reader.join(timeout=240)  # until every process of the group closed the pipe
+        proc.wait(timeout=60)
+        seconds = time.time() - t0
+        statuses = reap(processes)
+    finally:
+        subreaper(False)
     print(f"{sig.name}: {seconds:.2f} s from the signal to the last process's exit")
-    return out, seconds
+    return "".join(chunks) + f"\n[test] launcher exit {proc.returncode}; workers: {statuses}\n", seconds
 
 
 def yaml_value(config, key):
