@@ -39,6 +39,10 @@ class ModelArguments(ModelConfig):
     subln: str = field(default="false", metadata={
         "help": "on-the-fly conversion: SubLN false, true (a norm before every BitLinear) or bitnet (before o_proj "
                 "and down_proj: a Llama becomes a BitNet)"})
+    ternary_init: str = field(default="absmean", metadata={
+        "help": "warmup from λ=1 only: rewrite the master weights so that their absmean codes and scale are "
+                "those of another scale rule: absmean (no change), mse (Lloyd's least-squares ternary scale) or a "
+                "factor of the absmean (bitft.ternary_init)"})
 
     def torch_dtype(self):
         """The master weights' dtype for from_pretrained ("auto" keeps the checkpoint's)."""

@@ -38,6 +38,7 @@ from bitft.errors import ConfigError, run_main
 from bitft.train.callbacks import LambdaCallback, ThroughputCallback, install_progress
 from bitft.train.distill import build_teacher
 from bitft.train.model import load_model
+from bitft.ternary_init import apply_ternary_init, parse_rule
 from bitft.train.preempt import PreemptionCallback
 from bitft.train.resume import CheckpointMarker, check_run
 from bitft.train.teacher_cache import CachedBlocks, data_identity
@@ -62,6 +63,7 @@ def main(argv=None) -> dict:
     model, tokenizer, _ = load_model(model_args, lam=schedule(0))
     teacher = build_teacher(model, tokenizer, distill_args.teacher_name_or_path, distill_args.torch_teacher_dtype()) \
         if distill_args.active and not distill_args.teacher_cache else None
+    init = ternary_start(model, model_args.ternary_init, schedule(0), resume)  # after the teacher's copy
 
     # 3. data: packed blocks of block_size tokens, a held-out eval slice, a seeded order
     train_set, eval_set = build_datasets(
@@ -81,6 +83,7 @@ def main(argv=None) -> dict:
         train_set.check(block_size=data_args.block_size, temperature=distill_args.distill_temperature,
                         data=run["data"], tokenizer=tokenizer)
         args.remove_unused_columns = False  # teacher_logp / teacher_ids reach compute_loss
+    run["ternary_init"] = init
     if resume is not None:
         check_run(resume, run, cluster_args.allow_batch_change)
 
@@ -111,6 +114,19 @@ def main(argv=None) -> dict:
     # 6. the final converted checkpoint (loads with from_pretrained)
     bitft.set_lambda(trainer.model, schedule(trainer.state.global_step))
     return finish_run(trainer, results, "warmup", report)
+
+
+def ternary_start(model, rule: str, first_lambda: float, resume) -> str:
+    """The master weights rewritten by bitft.ternary_init (a fresh start at λ=1 only); the rule's name."""
+    rule = parse_rule(rule)
+    if rule != "absmean" and first_lambda < 1:
+        raise ConfigError(f"ternary_init {rule}: rewrites the master weights for a run at λ=1 from its first step, "
+                          f"but this schedule starts at λ={first_lambda:g} (set lambda_warmup_steps: 0)")
+    if rule != "absmean" and resume is None:  # a resumed run loads its checkpoint's weights
+        done = apply_ternary_init(model, rule)
+        logger.info("ternary_init %s: %d layers rewritten, scale %.3f× their absmean on average",
+                    rule, done["layers"], done["mean_gamma"])
+    return str(rule)
 
 
 def report(r: dict) -> None:
