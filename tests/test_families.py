@@ -206,6 +206,19 @@ def test_1bitllm_runs_in_llama_cpps_bitnet_graph(tmp_path, smollm2_folder, capsy
     assert "relu2" in err and "bitnet.cpp" in err
 
 
+def test_gguf_export_of_an_untied_bitnet_is_refused_before_any_tensor_is_quantized(onebitllm, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """llama.cpp's bitnet graph has no output tensor: an lm_head of its own is refused up front, nothing written."""
+    import bitft.export.gguf as gguf_export
+
+    folder, _ = onebitllm  # random lm_head, untied
+    bitft.convert.convert_checkpoint(str(folder), tmp_path / "ckpt")
+    monkeypatch.setattr(gguf_export, "ternarize", lambda t: pytest.fail("quantized before the refusal"))
+    err = cli_refuses(capsys, tmp_path, ["export", tmp_path / "ckpt", "--gguf", "--output", tmp_path / "m.gguf"])
+    assert "has its own lm_head" in err and "--packed" in err
+    assert not list(tmp_path.glob("*m.gguf*"))
+
+
 def test_subln_bitnet_placement_makes_a_llama_a_bitnet(tmp_path, capsys):
     """--subln bitnet: two sub-norms per block (before o_proj and down_proj), the model a BitNetForCausalLM
     with SiLU that reloads, trains as usual and loads in stock transformers' BitNet (online) to rounding."""

@@ -80,6 +80,8 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
     tqt = {"tq2_0": Q.TQ2_0, "tq1_0": Q.TQ1_0, "q8_0": Q.Q8_0, "f16": Q.F16}[qtype]
     ftype = {"f16": Q.F16, "f32": Q.F32}[float_type]
     check_config(config, arch, head_dim)
+    if arch.tied_output and not config.get("tie_word_embeddings") and not adapter:
+        check_tied_output(source, arch)  # before any tensor is quantized (a merged adapter: checked below)
     vocab = gguf_vocab(source, config["vocab_size"], tokenizer_pre)  # refusals before any file
 
     tmp = temp_path(out)  # .NAME.tmp-PID@HOST; stale ones of NAME (their writer gone) removed first
@@ -129,8 +131,7 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
             c = counts.setdefault(("ternary " if name in ternary else "") + qt.name, [0, 0, 0])
             c[0], c[1], c[2] = c[0] + 1, c[1] + data.size, c[2] + q.nbytes
         if lm_head is not None and not (embed is not None and torch.equal(embed, lm_head)):
-            raise BitftError(f"llama.cpp's {arch.gguf_arch.lower()} graph uses the token embeddings as the output "
-                             "layer, and this model has its own lm_head: export it --packed instead")
+            raise untied_error(arch)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -145,6 +146,24 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
         raise
     write_card(out, ckpt)
     return gguf_size_table(counts, out) + [("architecture", f"{gguf.MODEL_ARCH_NAMES[model_arch]}, {vocab.describe()}")]
+
+
+def untied_error(arch) -> BitftError:
+    return BitftError(f"llama.cpp's {arch.gguf_arch.lower()} graph uses the token embeddings as the output "
+                      "layer, and this model has its own lm_head: export it --packed instead")
+
+
+def check_tied_output(ckpt: Path, arch) -> None:
+    """Refuse an lm_head that differs from the embeddings (the graph has no output tensor) up front."""
+    from safetensors import safe_open
+
+    found = {}
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            for name in {"model.embed_tokens.weight", "lm_head.weight"} & set(f.keys()):
+                found[name] = f.get_tensor(name)
+    if "lm_head.weight" in found and not torch.equal(found["lm_head.weight"], found.get("model.embed_tokens.weight")):
+        raise untied_error(arch)
 
 
 def gguf_size_table(counts: dict, out: Path) -> list[tuple[str, str]]:
