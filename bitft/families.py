@@ -122,16 +122,15 @@ def load_folder(path: Path, dtype=torch.float32):
     """(model, family, targets, note) from a model folder, strictly. TARGETS: for an already-ternary family,
     the names of the linears it quantizes (to become BitLinear at λ=1), else None; NOTE: what unpacking
     changed, or "". Nothing converted here."""
-    from transformers import AutoConfig, AutoModelForCausalLM, BitNetConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bitft.subln import bitnet_config_from
 
     raw = read_config(path)
     family = recognize(raw)
     kwargs = {}
     if family is ONEBITLLM:
-        fields = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "auto_map", "transformers_version")}
-        fields.pop("hidden_act", None)
-        kwargs = dict(config=BitNetConfig(**fields, hidden_act="silu", architectures=["BitNetForCausalLM"]),
-                      key_mapping=ONEBITLLM_KEYS)
+        kwargs = dict(config=bitnet_config_from(raw, hidden_act="silu"), key_mapping=ONEBITLLM_KEYS)
     elif family is BITNET and raw.get("quantization_config"):
         config = AutoConfig.from_pretrained(path)
         del config.quantization_config  # plain nn.Linear holding the master weights

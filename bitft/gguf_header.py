@@ -46,7 +46,8 @@ class _Cursor:
 
 
 def read_header(path) -> tuple[dict, list[tuple[str, str, int, int]]]:
-    """({key: value, arrays as None}, [(tensor name, GGML type name, elements, bytes)]) of the GGUF file PATH."""
+    """({key: value, arrays as None}, [(tensor name, GGML type name, elements, bytes)]) of the GGUF file PATH.
+    ValueError (or struct.error) when it is not GGUF or shorter than its tensors' data (truncated)."""
     from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -59,12 +60,17 @@ def read_header(path) -> tuple[dict, list[tuple[str, str, int, int]]]:
         for _ in range(n_kv):
             key = c.string()
             meta[key] = c.value(c.take("I"))
-        tensors = []
+        tensors, end = [], 0
         for _ in range(n_tensors):
             name = c.string()
             n = prod(c.take("Q") for _ in range(c.take("I")))
             kind = GGMLQuantizationType(c.take("I"))
-            c.take("Q")  # data offset
+            offset = c.take("Q")  # from the start of the data section
             block, size = GGML_QUANT_SIZES[kind]
             tensors.append((name, kind.name, n, n // block * size))
+            end = max(end, offset + n // block * size)
+        align = meta.get("general.alignment") or 32
+        need = -(-c.off // align) * align + end
+        if len(buf) < need:
+            raise ValueError(f"truncated: {len(buf):,} bytes where its tensors end at {need:,}")
     return meta, tensors

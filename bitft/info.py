@@ -19,19 +19,14 @@ def _human(n: float) -> str:
 
 def describe_gguf(path: Path) -> list[tuple[str, str]]:
     """`bitft info` of a .gguf file: its metadata and tensor types, no tensor loaded."""
-    from gguf import GGUFReader
-
     from bitft.sources import check_gguf
 
-    check_gguf(path)
-    reader = GGUFReader(path)
-    field = reader.fields.get("general.architecture")
-    arch = bytes(field.parts[field.data[0]]).decode() if field else "?"
+    meta, tensors = check_gguf(path)
     types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
-    return [("path", str(path)), ("format", f"GGUF ({arch} graph, llama.cpp)"),
-            ("parameters", f"{sum(types.values()):,} in {len(reader.tensors)} tensors"),
+    for _, kind, n, _ in tensors:
+        types[kind] = types.get(kind, 0) + n
+    return [("path", str(path)), ("format", f"GGUF ({meta.get('general.architecture', '?')} graph, llama.cpp)"),
+            ("parameters", f"{sum(types.values()):,} in {len(tensors)} tensors"),
             ("tensor types", ", ".join(f"{k} {v:,}" for k, v in sorted(types.items()))),
             ("bytes on disk", f"{path.stat().st_size:,} ({_human(path.stat().st_size)})")]
 

@@ -81,11 +81,13 @@ def check_causal_lm(config, source) -> None:
                          "change λ with bitft.set_lambda instead of converting again")
 
 
-def check_gguf(path: Path) -> None:
-    from gguf import GGUFReader
+def check_gguf(path: Path) -> tuple[dict, list]:
+    """(metadata, tensors) of the GGUF file (bitft.gguf_header: arrays skipped, no tensor read); one line if not
+    GGUF, truncated or corrupt."""
+    from bitft.gguf_header import read_header
 
     try:
-        GGUFReader(path)
+        return read_header(path)
     except Exception as e:
         raise BitftError(f"{path} is not a valid GGUF file, truncated or corrupt ({e}); download it again") from None
 

@@ -34,20 +34,25 @@ def parse_subln(value) -> bool | str:
                      f"before o_proj and down_proj), got {value!r}")
 
 
-def bitnet_config(config):
-    """transformers' BitNetConfig of the same shape as a Llama CONFIG, with its activation."""
+def bitnet_config_from(fields: dict, **over):
+    """transformers' BitNetConfig from a config's FIELDS (a dict), less the keys that name another class,
+    remote code or a quantizer; OVER sets others (the activation)."""
     from transformers import BitNetConfig
 
+    drop = ("architectures", "model_type", "transformers_version", "quantization_config", "bitft", "auto_map", *over)
+    new = BitNetConfig(**{k: v for k, v in fields.items() if k not in drop}, **over)
+    new.architectures = ["BitNetForCausalLM"]
+    return new
+
+
+def bitnet_config(config):
+    """transformers' BitNetConfig of the same shape as a Llama CONFIG, with its activation."""
     if getattr(config, "model_type", None) != "llama":
         raise ValueError(f"subln='bitnet' turns a Llama into transformers' BitNet; {type(config).__name__} is not a Llama "
                          "(use subln=true, a norm in every BitLinear, for other architectures)")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ValueError("subln='bitnet': this Llama has linear biases, which transformers' BitNet has no place for")
-    fields = {k: v for k, v in config.to_dict().items()
-              if k not in ("architectures", "model_type", "transformers_version", "quantization_config", "bitft", "auto_map")}
-    new = BitNetConfig(**fields)
-    new.architectures = ["BitNetForCausalLM"]
-    return new
+    return bitnet_config_from(config.to_dict())
 
 
 def to_bitnet(model: nn.Module) -> nn.Module:
