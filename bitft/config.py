@@ -41,8 +41,10 @@ class ModelArguments(ModelConfig):
                 "and down_proj: a Llama becomes a BitNet)"})
     ternary_init: str = field(default="absmean", metadata={
         "help": "warmup from λ=1 only: rewrite the master weights so that their absmean codes and scale are "
-                "those of another scale rule: absmean (no change), mse (Lloyd's least-squares ternary scale) or a "
-                "factor of the absmean (bitft.ternary_init)"})
+                "those of another rule: absmean (no change), mse (Lloyd's least-squares ternary scale), a factor "
+                "of the absmean, or gptq (error-compensated codes on calibration blocks; bitft.ternary_init)"})
+    ternary_init_blocks: int = field(default=16, metadata={
+        "help": "ternary_init gptq: the training blocks whose full-precision activations calibrate it"})
 
     def torch_dtype(self):
         """The master weights' dtype for from_pretrained ("auto" keeps the checkpoint's)."""

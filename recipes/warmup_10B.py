@@ -21,6 +21,7 @@ and exit status 75 ("requeue"); a relaunch with other tokens per step, model or 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # BitNet layers compile badly on CPU
 
+import torch
 from transformers import TrainingArguments, default_data_collator
 
 import bitft
@@ -63,7 +65,6 @@ def main(argv=None) -> dict:
     model, tokenizer, _ = load_model(model_args, lam=schedule(0))
     teacher = build_teacher(model, tokenizer, distill_args.teacher_name_or_path, distill_args.torch_teacher_dtype()) \
         if distill_args.active and not distill_args.teacher_cache else None
-    init = ternary_start(model, model_args.ternary_init, schedule(0), resume)  # after the teacher's copy
 
     # 3. data: packed blocks of block_size tokens, a held-out eval slice, a seeded order
     train_set, eval_set = build_datasets(
@@ -83,7 +84,7 @@ def main(argv=None) -> dict:
         train_set.check(block_size=data_args.block_size, temperature=distill_args.distill_temperature,
                         data=run["data"], tokenizer=tokenizer)
         args.remove_unused_columns = False  # teacher_logp / teacher_ids reach compute_loss
-    run["ternary_init"] = init
+    run["ternary_init"] = ternary_start(model, model_args, schedule(0), resume, train_set)  # after the teacher's copy
     if resume is not None:
         check_run(resume, run, cluster_args.allow_batch_change)
 
@@ -116,14 +117,21 @@ def main(argv=None) -> dict:
     return finish_run(trainer, results, "warmup", report)
 
 
-def ternary_start(model, rule: str, first_lambda: float, resume) -> str:
-    """The master weights rewritten by bitft.ternary_init (a fresh start at λ=1 only); the rule's name."""
-    rule = parse_rule(rule)
+def ternary_start(model, model_args, first_lambda: float, resume, train_set) -> str:
+    """The master weights rewritten by bitft.ternary_init (a fresh start at λ=1 only); the rule's name.
+    gptq calibrates on the first ternary_init_blocks training blocks."""
+    rule = parse_rule(model_args.ternary_init)
     if rule != "absmean" and first_lambda < 1:
         raise ConfigError(f"ternary_init {rule}: rewrites the master weights for a run at λ=1 from its first step, "
                           f"but this schedule starts at λ={first_lambda:g} (set lambda_warmup_steps: 0)")
     if rule != "absmean" and resume is None:  # a resumed run loads its checkpoint's weights
-        done = apply_ternary_init(model, rule)
+        blocks = None
+        if rule == "gptq":
+            n = model_args.ternary_init_blocks
+            items = (train_set[i] for i in range(min(n, len(train_set)))) if hasattr(train_set, "__len__") \
+                else itertools.islice(iter(train_set), n)
+            blocks = torch.stack([torch.as_tensor(x["input_ids"]) for x in items])
+        done = apply_ternary_init(model, rule, blocks)
         logger.info("ternary_init %s: %d layers rewritten, scale %.3f× their absmean on average",
                     rule, done["layers"], done["mean_gamma"])
     return str(rule)

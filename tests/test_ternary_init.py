@@ -83,3 +83,48 @@ def test_model_rewrite_gives_the_target_codes_and_bumps_the_cache():
         assert torch.equal(codes, codes_at(before[n], target_scale(before[n], "mse")))
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=x).logits, logits0)  # no stale cached codes
+
+
+def correlated_inputs(n: int = 512, d: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(d, d, generator=g) / d ** 0.5 + torch.eye(d)
+    return torch.randn(n, d, generator=g) @ mix  # correlated features, as in a transformer's hidden states
+
+
+def test_gptq_codes_lower_the_output_error_and_rewrite_to_them():
+    from bitft.ternary_init import gptq_columns
+
+    x = correlated_inputs()
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(2)) * 0.02
+    s = target_scale(w, "gptq")
+    values = gptq_columns(w, x.T @ x, s, damp=1e-4)
+    gptq, nearest = codes_at(values, s), codes_at(w, s)
+    out_err = lambda codes: (x @ w.T - x @ (codes.float() * s).T).pow(2).sum().item()  # noqa: E731
+    assert out_err(gptq) < 0.9 * out_err(nearest)  # 0.86 here
+    codes, scale = ternarize(rewrite(values, s))
+    assert torch.equal(codes, gptq) and scale.item() == pytest.approx(s, rel=1e-5)
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    from bitft.ternary_init import gptq_columns
+
+    w = weights("gaussian")
+    s = target_scale(w, "absmean")
+    values = gptq_columns(w, 3.0 * torch.eye(w.shape[1]), s, damp=0.0)
+    assert torch.equal(codes_at(values, s), codes_at(w, s))
+
+
+def test_gptq_on_a_model_needs_calibration_and_passes_do_not_change_it(monkeypatch):
+    import bitft.ternary_init as ti
+    from bitft.surgery import bit_linears, convert_model
+
+    with pytest.raises(ConfigError, match="gptq needs calibration blocks"):
+        apply_ternary_init(convert_model(tiny_model("llama"), lam=1.0), "gptq")
+    blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    one = convert_model(tiny_model("llama"), lam=1.0)
+    apply_ternary_init(one, "gptq", blocks)
+    monkeypatch.setattr(ti, "HESSIAN_BYTES", 1)  # one module per calibration pass
+    many = convert_model(tiny_model("llama"), lam=1.0)
+    apply_ternary_init(many, "gptq", blocks)
+    for (name, a), (_, b) in zip(bit_linears(one).items(), bit_linears(many).items()):
+        assert torch.allclose(a.weight, b.weight, atol=1e-6), name  # every pass saw the original model

@@ -12,14 +12,15 @@ from test_warmup import tiny_config
 
 def test_ternary_init_changes_the_start_and_is_recorded(tmp_path, tiny_llama_folder):
     runs = {}
-    for rule in ("absmean", "mse"):
+    for rule in ("absmean", "mse", "gptq"):
         (tmp_path / rule).mkdir()
         config = tiny_config(tmp_path / rule, tiny_llama_folder, max_steps=1, save_steps=100, lambda_warmup_steps=0)
         runs[rule] = warmup_10B.main(["--config", str(config), "--ternary_init", rule])
-    assert runs["mse"]["before"]["eval_loss"] != runs["absmean"]["before"]["eval_loss"]
     from bitft.train.resume import read_marker
 
-    assert read_marker(tmp_path / "mse" / "run" / "checkpoint-1")["run"]["ternary_init"] == "mse"
+    for rule in ("mse", "gptq"):
+        assert runs[rule]["before"]["eval_loss"] != runs["absmean"]["before"]["eval_loss"]
+        assert read_marker(tmp_path / rule / "run" / "checkpoint-1")["run"]["ternary_init"] == rule
 
 
 def test_ternary_init_with_a_lambda_ramp_is_refused(tmp_path, tiny_llama_folder):
