@@ -36,7 +36,7 @@ MARGIN = 1e-3  # relative distance kept from the rounding threshold s*/2, so flo
 
 
 def parse_rule(rule: str) -> str | float:
-    """'absmean' | 'mse' | a positive number GAMMA; one clear line otherwise."""
+    """'absmean' | 'mse' | 'gptq' | a positive number GAMMA; one clear line otherwise."""
     text = str(rule).strip().lower()
     if text in RULES:
         return text
@@ -44,8 +44,8 @@ def parse_rule(rule: str) -> str | float:
         gamma = float(text)
     except ValueError:
         gamma = 0.0
-    if not gamma > 0:
-        raise ConfigError(f"ternary_init: {rule!r} is not absmean, mse or a positive scale factor (e.g. 1.5)")
+    if not 0 < gamma < float("inf"):
+        raise ConfigError(f"ternary_init: {rule!r} is not absmean, mse, gptq or a positive scale factor (e.g. 1.5)")
     return gamma
 
 
@@ -53,9 +53,7 @@ def target_scale(w: torch.Tensor, rule: str | float, iters: int = 100) -> float:
     """s* for W (float32 arithmetic)."""
     mag = w.detach().float().abs()
     a = mag.mean().item()
-    if rule == "absmean":
-        return a
-    if rule == "gptq":
+    if rule in ("absmean", "gptq"):
         return a
     if rule != "mse":
         return float(rule) * a

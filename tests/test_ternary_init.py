@@ -64,8 +64,8 @@ def test_mse_scale_is_the_lloyd_fixed_point_and_lowers_the_weight_error(kind):
 
 def test_rules_are_parsed_with_one_clear_line():
     assert parse_rule("MSE") == "mse" and parse_rule("absmean") == "absmean" and parse_rule("1.5") == 1.5
-    for bad in ("lloyd", "-1", "0", "nan"):
-        with pytest.raises(ConfigError, match="ternary_init.*absmean, mse or a positive"):
+    for bad in ("lloyd", "-1", "0", "nan", "inf"):
+        with pytest.raises(ConfigError, match="ternary_init.*absmean, mse, gptq or a positive"):
             parse_rule(bad)
 
 
