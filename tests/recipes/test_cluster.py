@@ -1,8 +1,8 @@
 """The warmup recipe on a cluster: preemption signals, another world size, a full disk (tiny Llama, CPU).
 
 - SIGTERM to the whole step (what SLURM does on preemption), 1 process: the run stops after the
-  optimizer step it is in with a complete checkpoint of that step; a second signal during the save
-  is ignored; the relaunch gives the uninterrupted run's losses.
+  optimizer step it is in with a complete checkpoint of that step; a second signal to the worker
+  during the save is ignored; the relaunch gives the uninterrupted run's losses.
 - SIGUSR1 (`--signal=USR1`), 2 DDP processes whose launchers ignore it (scripts/slurm_warmup.sbatch):
   both ranks stop after the same step; the relaunch gives the uninterrupted losses.
 - A signal before the first step: exit 75 and one line.
@@ -128,9 +128,9 @@ def preempt(config, sig, launcher="cpu", ignored=(), second=False):
         assert len(processes) >= 2  # the launcher and its worker(s)
         t0 = time.time()
         signal_all(processes, sig)
-        if second:  # again while the checkpoint of the stop is being written
-            wait_for(run / f"checkpoint-{STOP_AT}", proc, processes, timeout=60)
-            signal_all(processes, sig)
+        if second:  # again, to the workers (bitft's handlers; a launcher's own reaction is its business),
+            wait_for(run / f"checkpoint-{STOP_AT}", proc, processes, timeout=60)  # while the stop's checkpoint is written
+            signal_all(processes[1:], sig)
         reader.join(timeout=240)  # until every process of the group closed the pipe
         proc.wait(timeout=60)
         seconds = time.time() - t0
