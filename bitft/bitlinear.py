@@ -132,6 +132,13 @@ def _blend_input(x, xc, a, lam, dtype):
         return torch.lerp(x, dequantize(xc, a, x.dtype, "xq"), lam).to(dtype)
 
 
+def _weight_at(weight, wc, inv, lam):
+    """lerp(W, Q(W), λ) in W's dtype, a temporary: blended in place in the dequantize workspace (a fresh
+    float copy of every weight, twice per step, cost ~40% of the blend)."""
+    wq = dequantize(wc, inv, weight.dtype, "wf")
+    return torch.lerp(weight, wq, lam, out=wq) if wq.dtype == weight.dtype else torch.lerp(weight, wq, lam)
+
+
 # ----------------------------------------------------------------------------- the autograd function
 class BitLinearFunction(torch.autograd.Function):
     """y = BitLinear(x) for λ > 0 with straight-through gradients; see the module docstring."""
@@ -149,9 +156,7 @@ class BitLinearFunction(torch.autograd.Function):
                     y += bias.to(out_dtype)
                 saved = (xc, a)
             else:  # xb = lerp(x, xc/a, λ), shared by the layers fed x; saved: the backward's grad_W needs it
-                wb = dequantize(wc, inv, weight.dtype, "wf")  # a workspace on CPU: blended in place, no new
-                wb = torch.lerp(weight, wb, lam, out=wb) if wb.dtype == weight.dtype else torch.lerp(weight, wb, lam)
-                wb = wb.to(out_dtype)  # (a fresh float copy of every weight per step cost ~40% of the blend)
+                wb = _weight_at(weight, wc, inv, lam).to(out_dtype)
                 y = F.linear(xb, wb, None if bias is None else bias.to(out_dtype))
                 saved = (xb,)
         ctx.lam, ctx.lead, ctx.has_bias = lam, lead, bias is not None
@@ -188,9 +193,7 @@ class BitLinearFunction(torch.autograd.Function):
         gy = grad_y.reshape(-1, n).to(dt)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            wq = dequantize(wc, inv, ctx.w_dtype, "wf")
-            if lam != 1.0:
-                wq = torch.lerp(weight, wq, lam, out=wq) if wq.dtype == weight.dtype else torch.lerp(weight, wq, lam)
+            wq = dequantize(wc, inv, ctx.w_dtype, "wf") if lam == 1.0 else _weight_at(weight, wc, inv, lam)
             grad_x = gy.mm(wq.to(dt)).reshape(*ctx.lead, k).to(ctx.x_dtype)
             del wq
         if ctx.needs_input_grad[1]:

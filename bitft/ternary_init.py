@@ -119,12 +119,12 @@ def input_moments(model, modules: dict, blocks: torch.Tensor, batch: int = 4) ->
     """{name: XᵀX} of the inputs of MODULES (name -> BitLinear) over BLOCKS (token ids), model at λ=0."""
     from bitft.surgery import get_lambda, set_lambda
 
-    moments = {n: torch.zeros(m.in_features, m.in_features) for n, m in modules.items()}
+    moments = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in modules.items()}
 
     def hook(name):
-        def add(module, args):
+        def add(module, args):  # on the module's device: no transfer per batch
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            moments[name].add_((x.T @ x).cpu())
+            moments[name].addmm_(x.T, x)
         return add
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
@@ -169,7 +169,7 @@ def apply_ternary_init(model: torch.nn.Module, rule: str | float, calibration: t
             w = module.weight
             a = w.detach().float().abs().mean().item()
             s = target_scale(w, rule)
-            values = gptq_columns(w, moments.pop(name).to(w.device), s) if rule == "gptq" else w
+            values = gptq_columns(w, moments.pop(name), s) if rule == "gptq" else w
             new[name] = rewrite(values, s, w.dtype).cpu()  # held off the device until all are done
             gammas.append(s / a)
     for name, module in layers.items():

@@ -125,12 +125,8 @@ def ternary_start(model, model_args, first_lambda: float, resume, train_set) -> 
         raise ConfigError(f"ternary_init {rule}: rewrites the master weights for a run at λ=1 from its first step, "
                           f"but this schedule starts at λ={first_lambda:g} (set lambda_warmup_steps: 0)")
     if rule != "absmean" and resume is None:  # a resumed run loads its checkpoint's weights
-        blocks = None
-        if rule == "gptq":
-            n = model_args.ternary_init_blocks
-            items = (train_set[i] for i in range(min(n, len(train_set)))) if hasattr(train_set, "__len__") \
-                else itertools.islice(iter(train_set), n)
-            blocks = torch.stack([torch.as_tensor(x["input_ids"]) for x in items])
+        blocks = None if rule != "gptq" else torch.stack(
+            [torch.as_tensor(x["input_ids"]) for x in itertools.islice(iter(train_set), model_args.ternary_init_blocks)])
         done = apply_ternary_init(model, rule, blocks)
         logger.info("ternary_init %s: %d layers rewritten, scale %.3f× their absmean on average",
                     rule, done["layers"], done["mean_gamma"])
