@@ -125,8 +125,9 @@ def ternary_start(model, model_args, first_lambda: float, resume, train_set) -> 
         raise ConfigError(f"ternary_init {rule}: rewrites the master weights for a run at λ=1 from its first step, "
                           f"but this schedule starts at λ={first_lambda:g} (set lambda_warmup_steps: 0)")
     if rule != "absmean" and resume is None:  # a resumed run loads its checkpoint's weights
-        blocks = None if rule != "gptq" else torch.stack(
-            [torch.as_tensor(x["input_ids"]) for x in itertools.islice(iter(train_set), model_args.ternary_init_blocks)])
+        items = [torch.as_tensor(x["input_ids"]) for x in itertools.islice(iter(train_set), model_args.ternary_init_blocks)] \
+            if rule == "gptq" else []
+        blocks = torch.stack(items) if items else None  # none: apply_ternary_init says gptq needs them
         done = apply_ternary_init(model, rule, blocks)
         logger.info("ternary_init %s: %d layers rewritten, scale %.3f× their absmean on average",
                     rule, done["layers"], done["mean_gamma"])

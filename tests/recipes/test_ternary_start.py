@@ -28,3 +28,9 @@ def test_ternary_init_with_a_lambda_ramp_is_refused(tmp_path, tiny_llama_folder)
     with pytest.raises(ConfigError, match="ternary_init 1.5: .*starts at λ=0 .*lambda_warmup_steps: 0"):
         warmup_10B.main(["--config", str(config), "--ternary_init", "1.5"])
     assert not any((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_gptq_without_calibration_blocks_is_one_line(tmp_path, tiny_llama_folder):
+    config = tiny_config(tmp_path, tiny_llama_folder, max_steps=1, lambda_warmup_steps=0)
+    with pytest.raises(ConfigError, match="gptq needs calibration blocks"):
+        warmup_10B.main(["--config", str(config), "--ternary_init", "gptq", "--ternary_init_blocks", "0"])
