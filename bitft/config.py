@@ -84,6 +84,8 @@ class DistillArguments:
     distill_temperature: float = field(default=1.0, metadata={"help": "KD temperature τ (the KL is scaled by τ²)"})
     attention_distill_weight: float = field(default=0.0, metadata={"help": "weight of the Q/K/V relation distillation (MiniLM-v2); 0 = off"})
     attention_distill_layer: int = field(default=-1, metadata={"help": "decoder layer of the relation distillation (default the last)"})
+    hidden_distill_weight: float = field(default=0.0, metadata={
+        "help": "weight of the hidden-state distillation (every layer's ‖h_S − h_T‖²/‖h_T‖², bitft.train.feature_kd); 0 = off"})
     teacher_name_or_path: str | None = field(default=None, metadata={
         "help": "teacher model (same tokenizer); default: the model the run starts from, in full precision"})
     teacher_dtype: str | None = field(default=None, metadata={"help": "teacher dtype (default: the master weights')"})
@@ -102,19 +104,22 @@ class DistillArguments:
             raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.attention_distill_weight < 0:
             raise ConfigError(f"attention_distill_weight must be >= 0, got {self.attention_distill_weight}")
+        if not self.hidden_distill_weight >= 0:
+            raise ConfigError(f"hidden_distill_weight must be >= 0, got {self.hidden_distill_weight}")
         if self.distill_chunk_size < 1:
             raise ConfigError(f"distill_chunk_size must be >= 1, got {self.distill_chunk_size}")
         if self.distill_top_k < 0:
             raise ConfigError(f"distill_top_k must be >= 0 (0 = the full vocabulary), got {self.distill_top_k}")
-        if self.teacher_cache and (self.attention_distill_weight or not self.distill_alpha):
+        if self.teacher_cache and (self.attention_distill_weight or self.hidden_distill_weight or not self.distill_alpha):
             raise ConfigError("teacher_cache holds the teacher's top-k logits only: set distill_alpha > 0 and "
-                              "attention_distill_weight to 0 (relation distillation needs the teacher itself)")
+                              "attention_distill_weight and hidden_distill_weight to 0 (feature distillation "
+                              "needs the teacher itself)")
         if self.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
 
     @property
     def active(self) -> bool:
-        return self.distill_alpha > 0 or self.attention_distill_weight > 0
+        return self.distill_alpha > 0 or self.attention_distill_weight > 0 or self.hidden_distill_weight > 0
 
     def torch_teacher_dtype(self):
         return getattr(torch, self.teacher_dtype) if self.teacher_dtype else None

@@ -102,6 +102,7 @@ def main(argv=None) -> dict:
                "engine": trainer.accelerator.distributed_type.value,
                "distill": {"alpha": distill_args.distill_alpha, "temperature": distill_args.distill_temperature,
                            "attention_weight": distill_args.attention_distill_weight,
+                           "hidden_weight": distill_args.hidden_distill_weight,
                            "teacher": distill_args.teacher_name_or_path or "the starting model, full precision",
                            "top_k": distill_args.distill_top_k, "teacher_cache": distill_args.teacher_cache}
                if distill_args.active else None}

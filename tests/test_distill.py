@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 import bitft
 from bitft.bitlinear import BitLinear
-from bitft.train.distill import ProjectionCapture, kd_loss_sum, plain_copy, relation_kl
+from bitft.errors import ConfigError
+from bitft.train.distill import kd_loss_sum, plain_copy
+from bitft.train.feature_kd import ProjectionCapture, hidden_state_error, relation_kl
 from helpers import tiny_model
 
 
@@ -64,9 +66,12 @@ def test_kd_and_attention_losses_are_zero_for_the_same_model_at_lambda_0():
     heads = student.config.num_key_value_heads
     for s, t in zip(caps[0].take(), caps[1].take()):
         assert relation_kl(s, t, heads, mask).abs().item() < 1e-6
+    states = student(ids, output_hidden_states=True).hidden_states, teacher(ids, output_hidden_states=True).hidden_states
+    assert hidden_state_error(*states, mask).item() < 1e-10
     # and positive once the student is ternary
     bitft.set_lambda(student, 1.0)
     assert kd_loss_sum(student(ids).logits, hidden, teacher.lm_head, mask).item() > 1e-4
+    assert hidden_state_error(student(ids, output_hidden_states=True).hidden_states, states[1], mask).item() > 1e-4
 
 
 def test_relation_kl_ignores_padding():
@@ -77,3 +82,17 @@ def test_relation_kl_ignores_padding():
     noisy_s[:, 4:], noisy_t[:, 4:] = 100.0, -100.0  # what the padded positions hold must not matter
     torch.testing.assert_close(relation_kl(s, t, 2, mask), relation_kl(noisy_s, noisy_t, 2, mask))
     torch.testing.assert_close(relation_kl(s, t, 2, mask), relation_kl(s[:, :4], t[:, :4], 2, mask[:, :4]))
+
+
+def test_hidden_state_error_is_the_layers_mean_relative_error_over_valid_positions():
+    torch.manual_seed(0)
+    t = tuple(torch.randn(2, 5, 8) * (10.0 ** i) for i in range(4))  # embeddings, then 3 layers, growing norms
+    s = tuple(x + 0.1 * x.norm(dim=-1, keepdim=True) / 8 ** 0.5 * torch.randn_like(x) for x in t)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    expected = torch.stack([((a - b).pow(2).sum(-1) / b.pow(2).sum(-1))[mask] for a, b in zip(s[1:], t[1:])]).mean()
+    torch.testing.assert_close(hidden_state_error(s, t, mask), expected)
+    assert 0.005 < expected.item() < 0.02  # ~0.01 at every depth: no layer's scale dominates
+    padded = tuple(x.clone().index_put_((torch.tensor([1]), torch.tensor([4])), torch.tensor(1e6)) for x in s)
+    torch.testing.assert_close(hidden_state_error(padded, t, mask), expected)  # padding does not count
+    with pytest.raises(ConfigError, match="same depth: the student has 3 decoder layers, the teacher 2"):
+        hidden_state_error(s, t[:3], mask)

@@ -2,7 +2,7 @@
 
 The training loss of a distilled run, per token t that the cross-entropy counts (labels ≠ -100):
 
-    L = (1 − α) · CE  +  α · τ² · KL(softmax(z_T/τ) ‖ softmax(z_S/τ))  +  w · L_attn
+    L = (1 − α) · CE  +  α · τ² · KL(softmax(z_T/τ) ‖ softmax(z_S/τ))  +  w · L_attn  +  w_h · L_hid
 
 z_T / z_S: the teacher's / student's next-token logits (α = `distill_alpha`, τ =
 `distill_temperature`, w = `attention_distill_weight`). The teacher runs under
@@ -14,14 +14,10 @@ chunk in the backward pass instead (a 128k vocabulary at long sequences: memory 
 (bitft.train.sparse_kd); a batch that carries them (`teacher_logp`, `teacher_ids`: a teacher cache,
 bitft.train.teacher_cache) needs no teacher at all.
 
-L_attn is MiniLM-v2's multi-head self-attention relation distillation at one layer (default the
-last): for X in {Q, K, V} (the layer's q/k/v projection outputs, captured by forward hooks, so any
-attention implementation works), split into R relation heads (R = the model's key-value heads),
+L_attn (relation distillation at one layer) and L_hid (every layer's relative hidden-state error,
+weighted by w_h = `hidden_distill_weight`) are defined in bitft.train.feature_kd.
 
-    A_X = softmax(X_r · X_rᵀ / √d_r)   over the positions of a row (padding masked),
-    L_attn = mean over X, heads and valid rows of KL(A_X^T ‖ A_X^S).
-
-α = 0 and w = 0 is the plain cross-entropy recipe, computed by the same code path as before. The
+α = w = w_h = 0 is the plain cross-entropy recipe, computed by the same code path as before. The
 teacher is frozen (eval mode, no gradients, plain nn.Linear layers: no BitLinear, no SubLN), not
 seen by the optimizer, and evaluation never distills: held-out figures stay the λ=1 cross-entropy.
 """
@@ -30,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 
 import torch
 import torch.nn as nn
@@ -38,6 +33,7 @@ import torch.nn.functional as F
 
 from bitft.bitlinear import BitLinear
 from bitft.errors import ConfigError
+from bitft.train.feature_kd import ProjectionCapture, hidden_state_error, relation_kl
 from bitft.train.sparse_kd import masked_chunks, sparse_kd_sum, teacher_top_k
 
 logger = logging.getLogger("bitft")
@@ -148,74 +144,21 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, lm_h
                             float(temperature), int(chunk_size), bool(keep_grad))
 
 
-def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over heads and valid rows of KL(softmax(X_T X_Tᵀ/√d) ‖ softmax(X_S X_Sᵀ/√d)), X: [B, T, D]."""
-    def relations(x):
-        b, t, d = x.shape
-        x = x.float().view(b, t, heads, d // heads).transpose(1, 2)  # [B, R, T, d_r]
-        scores = x @ x.transpose(-1, -2) / math.sqrt(d // heads)
-        return F.log_softmax(scores.masked_fill(~mask[:, None, None, :], -1e9), dim=-1)  # padding: weight 0
-
-    log_t, log_s = relations(teacher), relations(student)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [B, R, T]
-    rows = mask[:, None, :].expand_as(kl)
-    return kl[rows].mean()
-
-
-class ProjectionCapture:
-    """Forward hooks that keep the outputs of a decoder layer's q/k/v projections for one forward."""
-
-    NAMES = ("q_proj", "k_proj", "v_proj")
-
-    def __init__(self, model: nn.Module, layer: int):
-        layers = _decoder_layers(model)
-        try:
-            attn = layers[layer].self_attn
-        except IndexError:
-            raise ConfigError(f"attention_distill_layer={layer}: the model has {len(layers)} decoder layers") from None
-        self.outputs: dict[str, torch.Tensor] = {}
-        missing = [n for n in self.NAMES if not hasattr(attn, n)]
-        if missing:
-            raise ConfigError(f"attention distillation needs q_proj/k_proj/v_proj in the attention block; "
-                              f"{type(attn).__name__} has no {', '.join(missing)}")
-        self.handles = [getattr(attn, n).register_forward_hook(self._keep(n)) for n in self.NAMES]
-
-    def _keep(self, name):
-        def hook(module, args, output):
-            self.outputs[name] = output
-        return hook
-
-    def take(self) -> list[torch.Tensor]:
-        out = [self.outputs.pop(n) for n in self.NAMES]
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder's layers (a peft wrapper or a CausalLM around it: the first `layers` ModuleList)."""
-    for module in model.modules():
-        if isinstance(getattr(module, "layers", None), nn.ModuleList):
-            return module.layers
-    raise ConfigError(f"attention distillation cannot find the decoder layers of {type(model).__name__}")
-
-
 # ----------------------------------------------------------------------------- the trainer side
 
 class DistillMixin:
     """Mix into a Trainer class before it: `class T(DistillMixin, BitftTrainerMixin, Trainer)`.
 
-    `setup_distillation(teacher, args)` turns it on; without it (or with α = 0 and w = 0) the loss is
-    the base class's. The CE, KD and attention terms are logged separately (`ce_loss`, `kd_loss`,
-    `attention_loss`), averaged over the optimizer steps since the previous log."""
+    `setup_distillation(teacher, args)` turns it on; without it (or with α = w = w_h = 0) the loss is
+    the base class's. The terms are logged separately (`ce_loss`, `kd_loss`, `attention_loss`,
+    `hidden_loss`), averaged over the optimizer steps since the previous log."""
 
     teacher: nn.Module | None = None
     teacher_cached: bool = False
     distill_alpha: float = 0.0
     distill_temperature: float = 1.0
     attention_weight: float = 0.0
+    hidden_weight: float = 0.0
     distill_chunk_size: int = 1024
     distill_recompute: bool = False
     distill_top_k: int = 0
@@ -228,6 +171,7 @@ class DistillMixin:
         self.attention_weight, self.distill_chunk_size = args.attention_distill_weight, args.distill_chunk_size
         self.distill_recompute = getattr(args, "distill_recompute", False)
         self.distill_top_k = getattr(args, "distill_top_k", 0)
+        self.hidden_weight = getattr(args, "hidden_distill_weight", 0.0)
         self._distill_sums: dict[str, float] = {}
         self._distill_count = 0
         if self.attention_weight:
@@ -238,7 +182,8 @@ class DistillMixin:
 
     @property
     def distilling(self) -> bool:
-        return (self.teacher is not None or self.teacher_cached) and (self.distill_alpha > 0 or self.attention_weight > 0)
+        return (self.teacher is not None or self.teacher_cached) and (
+            self.distill_alpha > 0 or self.attention_weight > 0 or self.hidden_weight > 0)
 
     def _scale(self, num_items_in_batch, n_local) -> tuple[float, float]:
         """(factor on a per-token sum that normalizes it like the Trainer's CE, share of an optimizer step's
@@ -255,16 +200,20 @@ class DistillMixin:
         if self.teacher_cached and not cached:  # there is no teacher to fall back on
             raise ConfigError("teacher_cache: a training batch came without the teacher's top-k (teacher_logp, "
                               "teacher_ids); the Trainer must keep those columns (remove_unused_columns: false)")
+        if self.hidden_weight:
+            inputs = {**inputs, "output_hidden_states": True}
         ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         labels = inputs["labels"]
         mask = labels[:, 1:] != -100  # the tokens the cross-entropy counts (SFT: the completions)
         attention_mask = inputs.get("attention_mask")
         teacher_kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        hidden = None
-        if not cached or self.attention_weight:
-            # inference_mode (no version counters, no views tracked) unless the backward recomputes from the hidden states
-            with torch.no_grad() if (self.distill_recompute or self.attention_weight) else torch.inference_mode():
-                hidden = self.teacher.base_model(**teacher_kwargs).last_hidden_state
+        hidden = teacher_states = None
+        if not cached or self.attention_weight or self.hidden_weight:
+            # inference_mode (no version counters, no views tracked) unless a term saves teacher tensors for the backward
+            features = self.distill_recompute or self.attention_weight or self.hidden_weight
+            with torch.no_grad() if features else torch.inference_mode():
+                out = self.teacher.base_model(**teacher_kwargs, output_hidden_states=bool(self.hidden_weight))
+            hidden, teacher_states = out.last_hidden_state, out.hidden_states
         scale, share = self._scale(num_items_in_batch, int(mask.sum()))
         loss = ce * (1 - self.distill_alpha)
         terms = {"ce_loss": ce.detach().float()}
@@ -290,6 +239,11 @@ class DistillMixin:
             attn = attn * int(mask.sum()) * scale  # token-weighted like the other terms
             loss = loss + self.attention_weight * attn
             terms["attention_loss"] = attn.detach()
+        if self.hidden_weight > 0:
+            rows = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
+            hid = hidden_state_error(outputs.hidden_states, teacher_states, rows) * int(mask.sum()) * scale
+            loss = loss + self.hidden_weight * hid
+            terms["hidden_loss"] = hid.detach()
         for k, v in terms.items():
             self._distill_sums[k] = self._distill_sums.get(k, 0.0) + float(v) * share
         self._distill_count += 1

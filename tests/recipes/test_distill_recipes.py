@@ -14,7 +14,8 @@ from recipes import sft, warmup_10B
 from test_sft import sft_config, tiny_bitft  # noqa: F401 (fixture)
 from test_warmup import EXPECTED, MAX_STEPS, launch, tiny_config, train_logs
 
-DISTILL = dict(distill_alpha=0.5, distill_temperature=2.0, attention_distill_weight=1.0, distill_chunk_size=7)
+DISTILL = dict(distill_alpha=0.5, distill_temperature=2.0, attention_distill_weight=1.0, hidden_distill_weight=0.5,
+               distill_chunk_size=7)
 
 
 @pytest.mark.slow
@@ -49,10 +50,11 @@ def test_warmup_distills_without_touching_the_teacher(tmp_path, tiny_llama_folde
     assert all(torch.equal(v, seen["before"][k]) for k, v in teacher.state_dict().items())
     assert not any(p.requires_grad for p in teacher.parameters())
     logs = train_logs(tmp_path / "run")
-    assert len(logs) == 4 and all({"ce_loss", "kd_loss", "attention_loss", "tokens_per_second"} <= set(h) for h in logs.values())
+    assert len(logs) == 4 and all({"ce_loss", "kd_loss", "attention_loss", "hidden_loss", "tokens_per_second"} <= set(h) for h in logs.values())
     for h in logs.values():  # the logged loss is the weighted sum of its logged terms
-        assert h["loss"] == pytest.approx(0.5 * h["ce_loss"] + 0.5 * h["kd_loss"] + h["attention_loss"], abs=2e-4)
-    assert logs[4]["kd_loss"] > 0 and logs[4]["attention_loss"] > 0  # λ = 0.5 at step 4: the student differs
+        assert h["loss"] == pytest.approx(0.5 * h["ce_loss"] + 0.5 * h["kd_loss"] + h["attention_loss"]
+                                          + 0.5 * h["hidden_loss"], abs=2e-4)
+    assert min(logs[4][k] for k in ("kd_loss", "attention_loss", "hidden_loss")) > 0  # λ = 0.5 at step 4: the student differs
     # held-out figures stay the λ=1 cross-entropy: the same before the first step as the plain recipe's
     assert results["before"]["eval_lambda"] == 1.0 and results["distill"]["alpha"] == 0.5
     (tmp_path / "plain").mkdir()
@@ -67,7 +69,7 @@ def test_sft_distills_on_completion_tokens(tmp_path, tiny_bitft, monkeypatch):
     teacher = seen["teacher"]
     assert all(torch.equal(v, seen["before"][k]) for k, v in teacher.state_dict().items())
     logs = train_logs(tmp_path / "run")
-    assert logs and all({"ce_loss", "kd_loss", "attention_loss"} <= set(h) for h in logs.values())
+    assert logs and all({"ce_loss", "kd_loss", "attention_loss", "hidden_loss"} <= set(h) for h in logs.values())
 
 
 def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_llama_folder, smollm2_gguf):
