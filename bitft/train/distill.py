@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from bitft.bitlinear import BitLinear
 from bitft.errors import ConfigError
-from bitft.train.feature_kd import ProjectionCapture, hidden_state_error, relation_kl
+from bitft.train.feature_kd import ProjectionCapture, decoder_layers, hidden_state_error, relation_kl
 from bitft.train.sparse_kd import masked_chunks, sparse_kd_sum, teacher_top_k
 
 logger = logging.getLogger("bitft")
@@ -179,6 +179,11 @@ class DistillMixin:
             self._capture = (ProjectionCapture(student, args.attention_distill_layer),
                              ProjectionCapture(self.teacher, args.attention_distill_layer))
             self._relation_heads = student.config.num_key_value_heads or student.config.num_attention_heads
+        if self.hidden_weight and self.teacher is not None:  # refused before the first step, not at it
+            depths = len(decoder_layers(self.accelerator.unwrap_model(self.model))), len(decoder_layers(self.teacher))
+            if depths[0] != depths[1]:
+                raise ConfigError(f"hidden-state distillation needs models of the same depth: the student has "
+                                  f"{depths[0]} decoder layers, the teacher {depths[1]}")
 
     @property
     def distilling(self) -> bool:
@@ -206,6 +211,7 @@ class DistillMixin:
         labels = inputs["labels"]
         mask = labels[:, 1:] != -100  # the tokens the cross-entropy counts (SFT: the completions)
         attention_mask = inputs.get("attention_mask")
+        rows = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
         teacher_kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
         hidden = teacher_states = None
         if not cached or self.attention_weight or self.hidden_weight:
@@ -233,14 +239,12 @@ class DistillMixin:
             loss = loss + self.distill_alpha * kd
             terms["kd_loss"] = kd.detach()
         if self.attention_weight > 0:
-            rows = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
             s_qkv, t_qkv = self._capture[0].take(), self._capture[1].take()
             attn = sum(relation_kl(s, t, self._relation_heads, rows) for s, t in zip(s_qkv, t_qkv)) / 3
             attn = attn * int(mask.sum()) * scale  # token-weighted like the other terms
             loss = loss + self.attention_weight * attn
             terms["attention_loss"] = attn.detach()
         if self.hidden_weight > 0:
-            rows = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
             hid = hidden_state_error(outputs.hidden_states, teacher_states, rows) * int(mask.sum()) * scale
             loss = loss + self.hidden_weight * hid
             terms["hidden_loss"] = hid.detach()

@@ -48,7 +48,7 @@ class ProjectionCapture:
     NAMES = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, model: nn.Module, layer: int):
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         try:
             attn = layers[layer].self_attn
         except IndexError:
@@ -74,12 +74,12 @@ class ProjectionCapture:
             h.remove()
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder's layers (a peft wrapper or a CausalLM around it: the first `layers` ModuleList)."""
     for module in model.modules():
         if isinstance(getattr(module, "layers", None), nn.ModuleList):
             return module.layers
-    raise ConfigError(f"attention distillation cannot find the decoder layers of {type(model).__name__}")
+    raise ConfigError(f"feature distillation cannot find the decoder layers of {type(model).__name__}")
 
 
 def hidden_state_error(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
