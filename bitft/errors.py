@@ -4,7 +4,8 @@ Every problem bitft can name (a bad path, a bad config key, unusable data, a non
 a `BitftError` whose message is one line that names the problem and the fix (a stop on a signal,
 `Preempted`, is reported the same way). `run_main` is the
 one wrapper the CLI and every recipe use: it turns such an error into that line on stderr and an
-exit code (the error's own, or the program's default), and lets anything else through as a bug.
+exit code (the error's own, or the program's default), and lets anything else through as a bug;
+in a launched process it destroys the process group on the way out.
 """
 
 from __future__ import annotations
@@ -63,4 +64,14 @@ def run_main(main, prog: str, argv=None, exit_code: int = 1) -> int:
         if isinstance(e, Preempted):
             e.restore()
         return e.exit_code if e.exit_code is not None else exit_code
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """A launched process leaves with its process group destroyed: exiting with gloo's threads still alive
+    aborts it (`terminate called without an active exception`, SIGABRT) after a run that had succeeded."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

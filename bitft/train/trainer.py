@@ -191,6 +191,7 @@ def finish_run(trainer, results: dict, name: str, report) -> dict:
         path = write_text_atomic(Path(trainer.args.output_dir) / f"{name}_results.json", json.dumps(results, indent=1))
         write_card(path.parent, path.parent)
         report(results)
+    trainer.accelerator.wait_for_everyone()  # every process leaves together; run_main then closes the group
     return results
 
 
