@@ -45,6 +45,14 @@ class ModelArguments(ModelConfig):
                 "of the absmean, or gptq (error-compensated codes on calibration blocks; bitft.ternary_init)"})
     ternary_init_blocks: int = field(default=16, metadata={
         "help": "ternary_init gptq: the training blocks whose full-precision activations calibrate it"})
+    full_precision_lr_scale: float = field(default=1.0, metadata={
+        "help": "learning rate of the parameters that stay full precision (embeddings, norms, an untied head) as a "
+                "multiple of learning_rate; BitLinear weights and LoRA adapters keep learning_rate"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.full_precision_lr_scale >= 0:
+            raise ConfigError(f"full_precision_lr_scale must be >= 0 (1 = one learning rate), got {self.full_precision_lr_scale}")
 
     def torch_dtype(self):
         """The master weights' dtype for from_pretrained ("auto" keeps the checkpoint's)."""

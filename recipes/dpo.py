@@ -71,6 +71,7 @@ def main(argv=None) -> dict:
                             processing_class=tokenizer, peft_config=peft_config,
                             callbacks=[ternary_lambda(), CheckpointMarker(run), *([preempt] if preempt else [])])
     trainer.eval_lambda = 1.0
+    trainer.full_precision_lr_scale = model_args.full_precision_lr_scale
     results = {"stage": "dpo", "lora": peft_config is not None, "beta": args.beta, "world_size": args.world_size,
                "reference": "adapters disabled" if peft_config is not None else
                ("precomputed log-probs" if ref_model is None else "frozen copy"),

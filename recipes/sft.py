@@ -70,6 +70,7 @@ def main(argv=None) -> dict:
                             processing_class=tokenizer, peft_config=peft_config,
                             callbacks=[ternary_lambda(), CheckpointMarker(run), *([preempt] if preempt else [])])
     trainer.eval_lambda = 1.0
+    trainer.full_precision_lr_scale = model_args.full_precision_lr_scale
     if teacher is not None:  # distillation on the completion tokens the SFT loss uses
         trainer.setup_distillation(teacher, distill_args)
     results = {"stage": "sft", "loss_on": how, "lora": peft_config is not None, "world_size": args.world_size,

@@ -95,6 +95,7 @@ def main(argv=None) -> dict:
                            processing_class=tokenizer,
                            callbacks=[lambda_cb, ThroughputCallback(), CheckpointMarker(run), *([preempt] if preempt else [])])
     trainer.eval_lambda = 1.0
+    trainer.full_precision_lr_scale = model_args.full_precision_lr_scale
     if distill_args.active:
         trainer.setup_distillation(teacher, distill_args)
     install_progress(trainer, lambda_cb)

@@ -50,6 +50,26 @@ class BitftTrainerMixin:
     """
 
     eval_lambda: float | None = None
+    full_precision_lr_scale: float = 1.0
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; with `full_precision_lr_scale` ≠ 1 each of its groups is split in two, the
+        parameters that stay full precision getting lr × scale (the LR schedule then scales both alike)."""
+        opt = super().create_optimizer(model)
+        scale = self.full_precision_lr_scale
+        if scale != 1.0 and not getattr(opt, "bitft_split", False):
+            ternary = ternary_side(self.model if model is None else model)
+            groups = []
+            for g in opt.param_groups:
+                side = [p for p in g["params"] if id(p) in ternary]
+                rest = [p for p in g["params"] if id(p) not in ternary]
+                groups += [{**g, "params": side}] if side else []
+                groups += [{**g, "params": rest, "lr": g["lr"] * scale}] if rest else []
+            opt.param_groups, opt.bitft_split = groups, True
+            n = sum(p.numel() for g in groups for p in g["params"] if id(p) not in ternary)
+            logger.info("full_precision_lr_scale %g: %s full-precision parameters at lr %.3g", scale, f"{n:,}",
+                        self.args.learning_rate * scale)
+        return opt
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         """The Trainer's save, then the completion marker, then the rotation (save_total_limit): an
@@ -102,6 +122,14 @@ class BitftTrainerMixin:
             if self.eval_lambda is not None:
                 logs[key[:-5] + "_lambda"] = self.eval_lambda
         return super().log(logs, start_time)
+
+
+def ternary_side(model) -> set[int]:
+    """ids of the parameters that become ternary: BitLinear weights, and LoRA adapters (merged into them)."""
+    from bitft.bitlinear import BitLinear
+
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear)}
+    return ids | {id(p) for n, p in model.named_parameters() if "lora_" in n}
 
 
 def train(trainer, resume_from_checkpoint=None):
