@@ -1,7 +1,7 @@
 """Train-step time and peak memory: the plain model against BitLinear at λ=1, λ=0.5 and with distillation.
 
     python scripts/bench_train.py [--shapes smollm2 llama2048] [--repeats 2] [--steps 3] [--threads 2]
-                                  [--impls plain fast blend kd kd_topk kd_cache kd_recompute reference]
+                                  [--impls plain fast blend kd kd_bf16 kd_topk kd_cache kd_recompute reference]
                                   [--top-k 32] [--device cpu|cuda]
                                   [--mmap-threshold BYTES]
 
@@ -16,7 +16,8 @@ master weights.
 impls: `plain` = the unconverted model; `fast` = bitft's BitLinear at λ=1 (int8 saved activations,
 cached weight codes, integer matmul); `blend` = the same at λ=0.5 (a λ warmup's steps); `kd` = `fast`
 plus logits distillation from the full-precision teacher (0.5·CE + 0.5·KL, bitft.train.distill: the
-teacher under inference_mode, each chunk's gradient kept from the forward); `kd_recompute` = the same
+teacher under inference_mode, each chunk's gradient kept from the forward); `kd_bf16` = `kd` with the
+teacher in bfloat16 (`teacher_dtype: bfloat16`; its logits are cast to float32 for the KL); `kd_recompute` = the same
 with `distill_recompute` (the backward recomputes the teacher's logits); `kd_topk` = `kd` against the
 teacher's top-k plus a tail class (bitft.train.sparse_kd, `distill_top_k`); `kd_cache` = the same
 top-k read from a teacher cache (computed before the timed steps: the step has no teacher); `reference` = BitLinear
@@ -50,6 +51,7 @@ SHAPES = {
 
 
 IMPLS = {"plain": "plain model", "fast": "BitLinear λ=1", "blend": "BitLinear λ=0.5", "kd": "BitLinear λ=1 + KD",
+         "kd_bf16": "BitLinear λ=1 + KD, bf16 teacher",
          "kd_recompute": "BitLinear λ=1 + KD, recompute", "kd_topk": "BitLinear λ=1 + KD top-k",
          "kd_cache": "BitLinear λ=1 + KD top-k, teacher cache", "reference": "fake-quant λ=1 (bitft ≤ 0.1)"}
 
@@ -83,6 +85,8 @@ def run_case(shape: str, impl: str, steps: int, threads: int, device: str, top_k
         from bitft.train.sparse_kd import sparse_kd_sum, teacher_top_k
 
         teacher, keep = plain_copy(model), impl != "kd_recompute"
+        if impl == "kd_bf16":  # teacher_dtype: bfloat16 (avx512_bf16 / AMX CPUs, GPUs)
+            teacher = teacher.to(torch.bfloat16)
         mask = torch.ones(b, t - 1, dtype=torch.bool, device=device)
         if impl == "kd_cache":  # what CachedBlocks gives a step: float16 log-probs, ids, read before it
             with torch.inference_mode():

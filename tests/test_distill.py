@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import bitft
 from bitft.bitlinear import BitLinear
 from bitft.errors import ConfigError
-from bitft.train.distill import kd_loss_sum, plain_copy
+from bitft.train.distill import build_teacher, kd_loss_sum, plain_copy
 from bitft.train.feature_kd import ProjectionCapture, hidden_state_error, relation_kl
 from helpers import tiny_model
 
@@ -38,6 +38,25 @@ def test_chunked_kd_equals_the_direct_formula_value_and_gradient(chunk, tau, kee
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
     assert g_got[~mask].abs().max() == 0  # positions the CE does not count get no KD gradient
+
+
+def test_a_bfloat16_teacher_gives_the_float32_teachers_kd_to_bfloat16_precision():
+    """teacher_dtype: bfloat16 (build_teacher): the teacher's logits in bf16, the KL in float32."""
+    student = bitft.convert_model(tiny_model("llama", seed=2), lam=1.0)
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    logits = student(ids).logits
+    losses, grads = [], []
+    for dtype in (None, torch.bfloat16):
+        teacher = build_teacher(student, None, dtype=dtype)
+        assert all(p.dtype == (dtype or torch.float32) for p in teacher.parameters())
+        with torch.inference_mode():
+            hidden = teacher.base_model(ids).last_hidden_state
+        kd = kd_loss_sum(logits, hidden, teacher.lm_head, mask)
+        losses.append(kd.item())
+        grads.append(torch.autograd.grad(kd, logits, retain_graph=True)[0].flatten())
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
 @pytest.mark.parametrize("subln", [False, True])
