@@ -167,3 +167,21 @@ def test_disk_full_is_recognised_through_library_wrappers(tmp_path):
     except ValueError as v:
         assert is_disk_full(v)
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_run_main_leaves_with_the_process_group_destroyed(tmp_path, fails):
+    """A launched process that exits with gloo's threads alive can abort (SIGABRT) after a good run."""
+    import torch.distributed as dist
+
+    from bitft.errors import run_main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    def main(argv):
+        assert dist.is_initialized()
+        if fails:
+            raise ConfigError("bad key")
+
+    assert run_main(main, "bitft-warmup", [], exit_code=2) == (2 if fails else 0)
+    assert not dist.is_initialized()
