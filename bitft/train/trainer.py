@@ -126,9 +126,9 @@ class BitftTrainerMixin:
 
 def ternary_side(model) -> set[int]:
     """ids of the parameters that become ternary: BitLinear weights, and LoRA adapters (merged into them)."""
-    from bitft.bitlinear import BitLinear
+    from bitft.surgery import bit_linears
 
-    ids = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear)}
+    ids = {id(m.weight) for m in bit_linears(model).values()}
     return ids | {id(p) for n, p in model.named_parameters() if "lora_" in n}
 
 
