@@ -287,7 +287,8 @@ def test_shipped_configs_parse(path):
     tokens = d.block_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
     if "demo" in path:
         assert tokens == 256 and args.max_steps == 180 and m.model_name_or_path == "smollm2"  # the studies' winner
-        assert lam.lambda_warmup_steps == 0 and kd.distill_alpha == 0.5 and args.learning_rate == 1e-3
+        assert lam.lambda_warmup_steps == 0 and kd.distill_alpha == 1.0 and args.learning_rate == 1e-3
+        assert args.adam_beta2 == 0.95
     else:
         assert tokens * 8 == 2_097_152 and args.max_steps == 5000 and args.learning_rate == 1e-4
         assert lam.lambda_warmup_steps == (0 if "distill" in path else 1000) and "wandb" in args.report_to
