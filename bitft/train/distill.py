@@ -30,6 +30,7 @@ import logging
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import Trainer
 
 from bitft.bitlinear import BitLinear
 from bitft.errors import ConfigError
@@ -205,10 +206,13 @@ class DistillMixin:
         if self.teacher_cached and not cached:  # there is no teacher to fall back on
             raise ConfigError("teacher_cache: a training batch came without the teacher's top-k (teacher_logp, "
                               "teacher_ids); the Trainer must keep those columns (remove_unused_columns: false)")
-        if self.hidden_weight:
-            inputs = {**inputs, "output_hidden_states": True}
-        ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        inputs = {**inputs, "use_cache": False, **({"output_hidden_states": True} if self.hidden_weight else {})}
+        # The Trainer's own loss: one forward with the logits and the hidden states in the graph. Not the
+        # subclass's (TRL ≥ 1.x SFTTrainer runs a fused LM head that builds no logits, and its return_outputs
+        # recomputes them under no_grad: every distillation term would get no gradient). A distilled SFT
+        # run therefore logs no TRL token metrics (entropy, mean_token_accuracy).
         labels = inputs["labels"]
+        ce, outputs = Trainer.compute_loss(self, model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch)
         mask = labels[:, 1:] != -100  # the tokens the cross-entropy counts (SFT: the completions)
         attention_mask = inputs.get("attention_mask")
         rows = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)

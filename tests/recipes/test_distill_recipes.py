@@ -72,6 +72,30 @@ def test_sft_distills_on_completion_tokens(tmp_path, tiny_bitft, monkeypatch):
     assert logs and all({"ce_loss", "kd_loss", "attention_loss", "hidden_loss"} <= set(h) for h in logs.values())
 
 
+@pytest.mark.parametrize("recipe", ["warmup", "sft"])
+def test_distillation_alone_trains_the_student(recipe, tmp_path, tiny_llama_folder, tiny_bitft, monkeypatch):
+    """α = 1: the KD term is the whole loss, so it alone must move the student (TRL's SFTTrainer returns
+    outputs recomputed under no_grad, which once left distilled SFT with no gradient at all)."""
+    module = warmup_10B if recipe == "warmup" else sft
+    seen = {}
+    real = module.build_teacher
+
+    def build(student, *args, **kwargs):
+        seen["start"] = {k: v.clone() for k, v in student.state_dict().items()}
+        seen["student"] = student
+        return real(student, *args, **kwargs)
+
+    monkeypatch.setattr(module, "build_teacher", build)
+    over = dict(max_steps=2, save_steps=100, distill_alpha=1.0, learning_rate=1e-3)
+    config = (tiny_config(tmp_path, tiny_llama_folder, lambda_warmup_steps=0, **over) if recipe == "warmup"
+              else sft_config(tmp_path, tiny_bitft, **over))
+    module.main(["--config", str(config)])
+    logs = train_logs(tmp_path / "run")
+    assert logs and all(h["grad_norm"] > 0 and h["kd_loss"] > 0 for h in logs.values())
+    moved = [k for k, v in seen["student"].state_dict().items() if k in seen["start"] and not torch.equal(v, seen["start"][k])]
+    assert any("q_proj" in k for k in moved)
+
+
 def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_llama_folder, smollm2_gguf):
     config = tiny_config(tmp_path, tiny_llama_folder, teacher_name_or_path=str(smollm2_gguf), distill_alpha=0.5)
     with pytest.raises(ConfigError, match="does not share the student's tokenizer"):
