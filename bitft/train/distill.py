@@ -212,7 +212,7 @@ class DistillMixin:
         # recomputes them under no_grad: every distillation term would get no gradient). A distilled SFT
         # run therefore logs no TRL token metrics (entropy, mean_token_accuracy).
         labels = inputs["labels"]
-        ce, outputs = Trainer.compute_loss(self, model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch)
+        ce, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         mask = labels[:, 1:] != -100  # the tokens the cross-entropy counts (SFT: the completions)
         attention_mask = inputs.get("attention_mask")
         rows = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
