@@ -5,7 +5,7 @@
                                   [--top-k 32] [--device cpu|cuda]
                                   [--mmap-threshold BYTES]
 
-A step is forward + backward + AdamW step on a random-init Llama (no download) with random tokens.
+A step is forward + backward + AdamW step (fused: the Trainer's default) on a random-init Llama (no download) with random tokens.
 Every case runs in a fresh process (plain, BitLinear and the reference alternating, --repeats
 rounds); a process runs one warmup step (AdamW allocates its state there) and then --steps timed
 steps, and the case's time is the fastest step of all its processes. Peak memory: the process's
@@ -15,8 +15,9 @@ master weights.
 
 impls: `plain` = the unconverted model; `fast` = bitft's BitLinear at λ=1 (int8 saved activations,
 cached weight codes, integer matmul); `blend` = the same at λ=0.5 (a λ warmup's steps); `kd` = `fast`
-plus logits distillation from the full-precision teacher (0.5·CE + 0.5·KL, bitft.train.distill: the
-teacher under inference_mode, each chunk's gradient kept from the forward); `kd_bf16` = `kd` with the
+plus logits distillation from the full-precision teacher (0.5·CE + 0.5·KL as the recipe computes them:
+the teacher under inference_mode, the CE and the KL in one pass over the vocabulary with the gradient
+kept from the forward, bitft.train.logits_kd); `kd_bf16` = `kd` with the
 teacher in bfloat16 (`teacher_dtype: bfloat16`; its logits are cast to float32 for the KL); `kd_recompute` = the same
 with `distill_recompute` (the backward recomputes the teacher's logits); `kd_topk` = `kd` against the
 teacher's top-k plus a tail class (bitft.train.sparse_kd, `distill_top_k`); `kd_cache` = the same
@@ -74,14 +75,15 @@ def run_case(shape: str, impl: str, steps: int, threads: int, device: str, top_k
         if impl == "reference":
             BitLinear.forward = BitLinear.fake_quant_forward
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the Trainer's default (torch ≥ 2.8)
     b, t = spec["batch"]
     ids = torch.randint(0, spec["config"]["vocab_size"], (b, t), device=device)
     cuda = device == "cuda"
 
     teacher = cached = None
     if impl.startswith("kd"):
-        from bitft.train.distill import kd_loss_sum, plain_copy
+        from bitft.train.distill import plain_copy
+        from bitft.train.logits_kd import ce_and_kd, next_token_targets
         from bitft.train.sparse_kd import sparse_kd_sum, teacher_top_k
 
         teacher, keep = plain_copy(model), impl != "kd_recompute"
@@ -95,21 +97,22 @@ def run_case(shape: str, impl: str, steps: int, threads: int, device: str, top_k
             cached, teacher = (logp.half().clone(), top.to(torch.int32).clone()), None
 
     def loss_of():
+        if teacher is not None and impl != "kd_topk":  # the recipe's step: one pass computes the CE and the KL
+            with torch.inference_mode() if keep else torch.no_grad():
+                hidden = teacher.base_model(input_ids=ids).last_hidden_state
+            n = mask.sum().item()
+            return ce_and_kd(model(input_ids=ids).logits, next_token_targets(ids), hidden,
+                             teacher.get_output_embeddings(), 0.5 / n, 0.5 / n, keep_grad=keep)[0]
         out = model(input_ids=ids, labels=ids)
         if cached is not None:
             kd = sparse_kd_sum(out.logits[:, :-1], cached[0].float(), cached[1].long(), mask)
             return 0.5 * out.loss + 0.5 * kd / mask.sum()
         if teacher is None:
             return out.loss
-        if impl == "kd_topk":
-            with torch.inference_mode():
-                hidden = teacher.base_model(input_ids=ids).last_hidden_state[:, :-1]
-                logp, top = teacher_top_k(hidden, teacher.get_output_embeddings(), top_k)
-            return 0.5 * out.loss + 0.5 * sparse_kd_sum(out.logits[:, :-1], logp, top, mask) / mask.sum()
-        with torch.inference_mode() if keep else torch.no_grad():
-            hidden = teacher.base_model(input_ids=ids).last_hidden_state
-        kd = kd_loss_sum(out.logits[:, :-1], hidden[:, :-1], teacher.get_output_embeddings(), mask, keep_grad=keep)
-        return 0.5 * out.loss + 0.5 * kd / mask.sum()
+        with torch.inference_mode():  # kd_topk
+            hidden = teacher.base_model(input_ids=ids).last_hidden_state[:, :-1]
+            logp, top = teacher_top_k(hidden, teacher.get_output_embeddings(), top_k)
+        return 0.5 * out.loss + 0.5 * sparse_kd_sum(out.logits[:, :-1], logp, top, mask) / mask.sum()
 
     def step():
         opt.zero_grad(set_to_none=True)

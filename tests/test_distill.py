@@ -11,6 +11,7 @@ from bitft.bitlinear import BitLinear
 from bitft.errors import ConfigError
 from bitft.train.distill import build_teacher, kd_loss_sum, plain_copy
 from bitft.train.feature_kd import ProjectionCapture, hidden_state_error, relation_kl
+from bitft.train.logits_kd import ce_and_kd, next_token_targets
 from helpers import tiny_model
 
 
@@ -38,6 +39,32 @@ def test_chunked_kd_equals_the_direct_formula_value_and_gradient(chunk, tau, kee
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
     assert g_got[~mask].abs().max() == 0  # positions the CE does not count get no KD gradient
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("chunk,rows", [(1, 1), (5, 3), (1024, None), (1024, 1024)])
+@pytest.mark.parametrize("tau,w_ce", [(1.0, 0.0), (1.0, 0.5), (2.0, 0.0), (2.0, 0.5)])
+def test_fused_ce_and_kd_equal_the_models_cross_entropy_and_the_direct_kl(chunk, rows, tau, w_ce, keep):
+    """The recipe's one-pass loss: the CE a Hugging Face causal LM computes from its labels (shifted, -100
+    ignored) and the direct KL, values and the gradient of their weighted sum, whatever the blocking."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40)
+    hidden = torch.randn(2, 9, 16)
+    labels = torch.randint(0, 40, (2, 9))
+    labels[0, :3] = -100  # a prompt
+    labels[1, 5] = -100
+    logits = torch.randn(2, 9, 40, requires_grad=True)
+    loss, ce, kl = ce_and_kd(logits, next_token_targets(labels), hidden, head, w_ce, 0.7, tau, chunk, keep, rows)
+    (g_got,) = torch.autograd.grad(loss * 3.0, logits)
+    shifted = F.cross_entropy(logits[:, :-1].reshape(-1, 40), labels[:, 1:].reshape(-1), reduction="sum")
+    mask = F.pad(labels[:, 1:] != -100, (0, 1)).float()
+    want_kl = direct_kd(logits, head(hidden), mask, tau)
+    (g_want,) = torch.autograd.grad(3.0 * (w_ce * shifted + 0.7 * want_kl), logits)
+    torch.testing.assert_close(ce, shifted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, want_kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, w_ce * shifted + 0.7 * want_kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+    assert g_got[mask == 0].abs().max() == 0 and not ce.requires_grad and not kl.requires_grad
 
 
 def test_a_bfloat16_teacher_gives_the_float32_teachers_kd_to_bfloat16_precision():

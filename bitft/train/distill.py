@@ -7,9 +7,10 @@ The training loss of a distilled run, per token t that the cross-entropy counts 
 z_T / z_S: the teacher's / student's next-token logits (α = `distill_alpha`, τ =
 `distill_temperature`, w = `attention_distill_weight`). The teacher runs under
 `inference_mode`; its logits are computed from its last hidden state one chunk of positions at a
-time (`distill_chunk_size`), once: each chunk's gradient τ·(p_S − p_T) is written in the forward pass
-into one logits-sized tensor. `distill_recompute: true` holds no such tensor and recomputes each
-chunk in the backward pass instead (a 128k vocabulary at long sequences: memory over time).
+time (`distill_chunk_size`), once, and the CE and the KL are computed together in one pass over
+the vocabulary (bitft.train.logits_kd): their gradient is written in the forward pass into one
+logits-sized tensor. `distill_recompute: true` holds no such tensor and recomputes it in the
+backward pass instead (a 128k vocabulary at long sequences: memory over time).
 `distill_top_k: K` distills only the teacher's K most likely tokens plus one tail class
 (bitft.train.sparse_kd); a batch that carries them (`teacher_logp`, `teacher_ids`: a teacher cache,
 bitft.train.teacher_cache) needs no teacher at all.
@@ -29,13 +30,13 @@ import logging
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import Trainer
 
 from bitft.bitlinear import BitLinear
 from bitft.errors import ConfigError
 from bitft.train.feature_kd import ProjectionCapture, decoder_layers, hidden_state_error, relation_kl
-from bitft.train.sparse_kd import masked_chunks, sparse_kd_sum, teacher_top_k
+from bitft.train.logits_kd import ce_and_kd, next_token_targets
+from bitft.train.sparse_kd import sparse_kd_sum, teacher_top_k
 
 logger = logging.getLogger("bitft")
 
@@ -88,61 +89,14 @@ def build_teacher(student: nn.Module, student_tokenizer, name_or_path: str | Non
 
 # ----------------------------------------------------------------------------- the losses
 
-class _ChunkedKD(torch.autograd.Function):
-    """τ² Σ KL(p_T ‖ p_S) one chunk at a time, with ∂/∂z_S = τ · (p_S − p_T) (masked). KEEP: each chunk's
-    gradient is written in the forward pass into one logits-sized tensor (teacher logits and softmaxes
-    computed once); else the backward recomputes each chunk (no logits-sized tensor held)."""
-
-    @staticmethod
-    def forward(ctx, student_logits, teacher_hidden, weight, bias, mask, temperature, chunk_size, keep):
-        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-        grad = torch.zeros_like(student_logits) if keep else None
-        for b, i in masked_chunks(mask, chunk_size):
-            log_p_t, log_p_s = _log_probs(student_logits, teacher_hidden, weight, bias, temperature, b, i, chunk_size)
-            p_t = log_p_t.exp()
-            m = mask[b, i:i + chunk_size]
-            total += ((p_t * (log_p_t - log_p_s)).sum(-1) * m).sum()
-            if keep:
-                grad[b, i:i + chunk_size] = ((log_p_s.exp() - p_t) * (temperature * m[:, None])).to(grad.dtype)
-        if keep:
-            ctx.save_for_backward(grad)
-        else:
-            ctx.save_for_backward(student_logits, teacher_hidden, weight, mask, *([] if bias is None else [bias]))
-        ctx.temperature, ctx.chunk_size, ctx.keep = temperature, chunk_size, keep
-        return total * temperature ** 2
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.keep:
-            (grad,) = ctx.saved_tensors
-            return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
-        student_logits, teacher_hidden, weight, mask, *bias = ctx.saved_tensors
-        bias = bias[0] if bias else None
-        tau, size = ctx.temperature, ctx.chunk_size
-        grad = torch.zeros_like(student_logits)
-        for b, i in masked_chunks(mask, size):
-            log_p_t, log_p_s = _log_probs(student_logits, teacher_hidden, weight, bias, tau, b, i, size)
-            g = (log_p_s.exp() - log_p_t.exp()) * (tau * mask[b, i:i + size, None] * grad_out)
-            grad[b, i:i + size] = g.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None
-
-
-def _log_probs(student_logits, teacher_hidden, weight, bias, tau, b, i, size):
-    z_t = F.linear(teacher_hidden[b, i:i + size], weight, bias).float()
-    return F.log_softmax(z_t / tau, dim=-1), F.log_softmax(student_logits[b, i:i + size].float() / tau, dim=-1)
-
-
 def kd_loss_sum(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, lm_head: nn.Linear, mask: torch.Tensor,
                 temperature: float = 1.0, chunk_size: int = 1024, keep_grad: bool = True) -> torch.Tensor:
-    """τ² · Σ over masked positions of KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), teacher logits = lm_head(hidden).
-
-    [B, T, V] student logits, [B, T, H] teacher hidden states, [B, T] mask. Each row is cut into
-    chunks of CHUNK_SIZE positions; a chunk's teacher logits and softmaxes exist only while it is
-    computed. KEEP_GRAD: the gradient is kept from the forward pass (one more logits-sized tensor);
-    else it is recomputed chunk by chunk in the backward pass (the teacher's lm_head runs twice)."""
-    return _ChunkedKD.apply(student_logits, teacher_hidden.detach(), lm_head.weight.detach(),
-                            None if lm_head.bias is None else lm_head.bias.detach(), mask.bool(),
-                            float(temperature), int(chunk_size), bool(keep_grad))
+    """τ² · Σ over masked positions of KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), teacher logits = lm_head(hidden):
+    [B, T, V] student logits, [B, T, H] teacher hidden states, [B, T] mask (bitft.train.logits_kd, no CE).
+    KEEP_GRAD: the gradient is kept from the forward pass (one more logits-sized tensor); else it is
+    recomputed in the backward pass (the teacher's lm_head runs twice)."""
+    targets = torch.where(mask.bool(), 0, -100)
+    return ce_and_kd(student_logits, targets, teacher_hidden, lm_head, 0.0, 1.0, temperature, chunk_size, keep_grad)[0]
 
 
 # ----------------------------------------------------------------------------- the trainer side
@@ -207,12 +161,16 @@ class DistillMixin:
             raise ConfigError("teacher_cache: a training batch came without the teacher's top-k (teacher_logp, "
                               "teacher_ids); the Trainer must keep those columns (remove_unused_columns: false)")
         inputs = {**inputs, "use_cache": False, **({"output_hidden_states": True} if self.hidden_weight else {})}
-        # The Trainer's own loss: one forward with the logits and the hidden states in the graph. Not the
-        # subclass's (TRL ≥ 1.x SFTTrainer runs a fused LM head that builds no logits, and its return_outputs
-        # recomputes them under no_grad: every distillation term would get no gradient). A distilled SFT
-        # run therefore logs no TRL token metrics (entropy, mean_token_accuracy).
+        # One forward with the logits and the hidden states in the graph: the model's own, or the Trainer's
+        # loss. Never the subclass's (TRL ≥ 1.x SFTTrainer runs a fused LM head that builds no logits, and its
+        # return_outputs recomputes them under no_grad: every distillation term would get no gradient). A
+        # distilled SFT run therefore logs no TRL token metrics (entropy, mean_token_accuracy).
         labels = inputs["labels"]
-        ce, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        fused = self.distill_alpha > 0 and not cached and not self.distill_top_k
+        if fused:  # the cross-entropy is computed with the KL, in one pass over the vocabulary (logits_kd)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        else:
+            ce, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         mask = labels[:, 1:] != -100  # the tokens the cross-entropy counts (SFT: the completions)
         attention_mask = inputs.get("attention_mask")
         rows = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
@@ -225,20 +183,24 @@ class DistillMixin:
                 out = self.teacher.base_model(**teacher_kwargs, output_hidden_states=bool(self.hidden_weight))
             hidden, teacher_states = out.last_hidden_state, out.hidden_states
         scale, share = self._scale(num_items_in_batch, int(mask.sum()))
-        loss = ce * (1 - self.distill_alpha)
-        terms = {"ce_loss": ce.detach().float()}
-        if self.distill_alpha > 0:
+        if fused:  # the weights carry the normalization, so the loss's incoming gradient is 1 (no extra pass)
+            loss, ce_sum, kd_sum = ce_and_kd(outputs.logits, next_token_targets(labels), hidden,
+                                             self.teacher.get_output_embeddings(), (1 - self.distill_alpha) * scale,
+                                             self.distill_alpha * scale, self.distill_temperature,
+                                             self.distill_chunk_size, keep_grad=not self.distill_recompute)
+            terms = {"ce_loss": ce_sum * scale, "kd_loss": kd_sum * scale}
+        else:
+            loss = ce * (1 - self.distill_alpha)
+            terms = {"ce_loss": ce.detach().float()}
+        if self.distill_alpha > 0 and not fused:
             if cached:  # the teacher cache's top-k, stored for the inputs' positions (next-token at each)
                 kd_sum = sparse_kd_sum(outputs.logits[:, :-1], cached["teacher_logp"][:, :-1], cached["teacher_ids"][:, :-1],
                                        mask, self.distill_temperature, self.distill_chunk_size)
-            elif self.distill_top_k:
+            else:
                 logp, ids = teacher_top_k(hidden[:, :-1], self.teacher.get_output_embeddings(), self.distill_top_k,
                                           self.distill_temperature, self.distill_chunk_size)
                 kd_sum = sparse_kd_sum(outputs.logits[:, :-1], logp, ids, mask, self.distill_temperature,
                                        self.distill_chunk_size)
-            else:
-                kd_sum = kd_loss_sum(outputs.logits[:, :-1], hidden[:, :-1], self.teacher.get_output_embeddings(), mask,
-                                     self.distill_temperature, self.distill_chunk_size, keep_grad=not self.distill_recompute)
             kd = kd_sum * scale
             loss = loss + self.distill_alpha * kd
             terms["kd_loss"] = kd.detach()

@@ -56,6 +56,8 @@ def test_warmup_distills_without_touching_the_teacher(tmp_path, tiny_llama_folde
         assert h["loss"] == pytest.approx(0.5 * h["ce_loss"] + 0.5 * h["kd_loss"] + h["attention_loss"]
                                           + 0.5 * h["hidden_loss"], abs=2e-4)
     assert min(logs[4][k] for k in ("kd_loss", "attention_loss", "hidden_loss")) > 0  # λ = 0.5 at step 4: the student differs
+    # the one-pass CE (bitft.train.logits_kd) is the model's own: the plain recipe's loss at its first step
+    assert logs[1]["ce_loss"] == pytest.approx(json.loads(EXPECTED.read_text())["losses"]["1"], abs=1e-4)
     # held-out figures stay the λ=1 cross-entropy: the same before the first step as the plain recipe's
     assert results["before"]["eval_lambda"] == 1.0 and results["distill"]["alpha"] == 0.5
     (tmp_path / "plain").mkdir()
