@@ -67,6 +67,22 @@ def test_fused_ce_and_kd_equal_the_models_cross_entropy_and_the_direct_kl(chunk,
     assert g_got[mask == 0].abs().max() == 0 and not ce.requires_grad and not kl.requires_grad
 
 
+def test_fused_loss_gives_float16_logits_a_finite_gradient_under_a_loss_scale():
+    """fp16 training: a GradScaler's 65,536 overflows float16, and α/N-weighted terms underflow it."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40)
+    hidden, targets = torch.randn(1, 6, 16), torch.randint(0, 40, (1, 6))
+    base = torch.randn(1, 6, 40).half().float()  # the same logits in both dtypes
+    grads = []
+    for dtype in (torch.float32, torch.float16):
+        logits = base.to(dtype).detach().clone().requires_grad_()
+        loss = ce_and_kd(logits, targets, hidden, head, 0.5 / 6, 0.5 / 6)[0]
+        (loss * 65536.0).backward()
+        assert logits.grad.dtype == dtype and torch.isfinite(logits.grad).all()
+        grads.append(logits.grad.float())
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-3, atol=1e-2)
+
+
 def test_a_bfloat16_teacher_gives_the_float32_teachers_kd_to_bfloat16_precision():
     """teacher_dtype: bfloat16 (build_teacher): the teacher's logits in bf16, the KL in float32."""
     student = bitft.convert_model(tiny_model("llama", seed=2), lam=1.0)

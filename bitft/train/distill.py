@@ -150,8 +150,10 @@ class DistillMixin:
         value in this micro-batch's term); the Trainer's own rule is in Trainer.training_step."""
         if self.loss_is_scaled_for_ga is False or num_items_in_batch is None or not self.model_accepts_loss_kwargs:
             return 1.0 / max(n_local, 1), 1.0 / self.current_gradient_accumulation_steps  # a per-batch mean
-        world = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        return world / float(num_items_in_batch), 1.0  # already a share of the step's normalization
+        world = 1  # Trainer.compute_loss's factor: tensor-parallel ranks share a batch, DataParallel sums n_gpu
+        if self.args.average_tokens_across_devices:
+            world = self.args.n_gpu if self.args.n_gpu > 1 else self.accelerator.num_processes // self.get_tp_size()
+        return world / float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch), 1.0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cached = {k: inputs.pop(k) for k in ("teacher_logp", "teacher_ids") if k in inputs}  # never the model's inputs
@@ -166,7 +168,10 @@ class DistillMixin:
         # return_outputs recomputes them under no_grad: every distillation term would get no gradient). A
         # distilled SFT run therefore logs no TRL token metrics (entropy, mean_token_accuracy).
         labels = inputs["labels"]
-        fused = self.distill_alpha > 0 and not cached and not self.distill_top_k
+        # fused only where the Trainer's loss is the model's plain CE (no label smoothing, no compute_loss_func,
+        # no context-parallel shift_labels): elsewhere the Trainer's own loss, and the KD beside it
+        fused = (self.distill_alpha > 0 and not cached and not self.distill_top_k and self.label_smoother is None
+                 and self.compute_loss_func is None and "shift_labels" not in inputs)
         if fused:  # the cross-entropy is computed with the KL, in one pass over the vocabulary (logits_kd)
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         else:

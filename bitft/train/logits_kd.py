@@ -70,16 +70,21 @@ def _run(logits, hidden, weight, bias, targets, w_ce, w_kd, tau, chunk, rows, gr
     return ce_sum, kl_sum * tau ** 2
 
 
+def _grad_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float16's range would flush the small weighted terms (and a GradScaler's 65,536 is inf in it): float32."""
+    return torch.float32 if logits.dtype == torch.float16 else logits.dtype
+
+
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, hidden, weight, bias, targets, w_ce, w_kd, tau, chunk, rows, keep):
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if keep else None
+        grad = torch.empty(logits.shape, dtype=_grad_dtype(logits), device=logits.device) if keep else None
         ce_sum, kl_sum = _run(logits, hidden, weight, bias, targets, w_ce, w_kd, tau, chunk, rows, grad)
         if keep:
             ctx.save_for_backward(grad)
         else:
             ctx.save_for_backward(logits, hidden, weight, targets, *([] if bias is None else [bias]))
-        ctx.args, ctx.keep = (w_ce, w_kd, tau, chunk, rows), keep
+        ctx.args, ctx.keep, ctx.dtype = (w_ce, w_kd, tau, chunk, rows), keep, logits.dtype
         ctx.mark_non_differentiable(ce_sum, kl_sum)
         return w_ce * ce_sum + w_kd * kl_sum, ce_sum, kl_sum
 
@@ -89,11 +94,11 @@ class _FusedLoss(torch.autograd.Function):
             (grad,) = ctx.saved_tensors
         else:
             logits, hidden, weight, targets, *bias = ctx.saved_tensors
-            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            grad = torch.empty(logits.shape, dtype=_grad_dtype(logits), device=logits.device)
             _run(logits, hidden, weight, bias[0] if bias else None, targets, *ctx.args, grad=grad)
         if grad_out.item() != 1.0:  # the usual case (the weights carry the normalization) costs no pass
             grad = grad * grad_out.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None, None, None, None
+        return grad.to(ctx.dtype), None, None, None, None, None, None, None, None, None, None
 
 
 def ce_and_kd(logits: torch.Tensor, targets: torch.Tensor, teacher_hidden: torch.Tensor, lm_head: torch.nn.Module,
