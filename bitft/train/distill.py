@@ -155,6 +155,18 @@ class DistillMixin:
             world = self.args.n_gpu if self.args.n_gpu > 1 else self.accelerator.num_processes // self.get_tp_size()
         return world / float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch), 1.0
 
+    def _kd_beside(self, logits, hidden, cached, mask) -> torch.Tensor:
+        """τ²·ΣKL over MASK for the next-token LOGITS [B, T-1, V], where the Trainer computed the CE: from the
+        teacher cache's top-k, the live teacher's top-k, or its whole vocabulary."""
+        tau, chunk = self.distill_temperature, self.distill_chunk_size
+        if cached:  # stored for the inputs' positions (next-token at each)
+            return sparse_kd_sum(logits, cached["teacher_logp"][:, :-1], cached["teacher_ids"][:, :-1], mask, tau, chunk)
+        head = self.teacher.get_output_embeddings()
+        if self.distill_top_k:
+            logp, ids = teacher_top_k(hidden[:, :-1], head, self.distill_top_k, tau, chunk)
+            return sparse_kd_sum(logits, logp, ids, mask, tau, chunk)
+        return kd_loss_sum(logits, hidden[:, :-1], head, mask, tau, chunk, keep_grad=not self.distill_recompute)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cached = {k: inputs.pop(k) for k in ("teacher_logp", "teacher_ids") if k in inputs}  # never the model's inputs
         if not (self.distilling and model.training):
@@ -194,21 +206,12 @@ class DistillMixin:
                                              self.distill_alpha * scale, self.distill_temperature,
                                              self.distill_chunk_size, keep_grad=not self.distill_recompute)
             terms = {"ce_loss": ce_sum * scale, "kd_loss": kd_sum * scale}
-        else:
-            loss = ce * (1 - self.distill_alpha)
-            terms = {"ce_loss": ce.detach().float()}
-        if self.distill_alpha > 0 and not fused:
-            if cached:  # the teacher cache's top-k, stored for the inputs' positions (next-token at each)
-                kd_sum = sparse_kd_sum(outputs.logits[:, :-1], cached["teacher_logp"][:, :-1], cached["teacher_ids"][:, :-1],
-                                       mask, self.distill_temperature, self.distill_chunk_size)
-            else:
-                logp, ids = teacher_top_k(hidden[:, :-1], self.teacher.get_output_embeddings(), self.distill_top_k,
-                                          self.distill_temperature, self.distill_chunk_size)
-                kd_sum = sparse_kd_sum(outputs.logits[:, :-1], logp, ids, mask, self.distill_temperature,
-                                       self.distill_chunk_size)
-            kd = kd_sum * scale
-            loss = loss + self.distill_alpha * kd
-            terms["kd_loss"] = kd.detach()
+        else:  # the Trainer's loss, and the KD term beside it
+            loss, terms = ce * (1 - self.distill_alpha), {"ce_loss": ce.detach().float()}
+            if self.distill_alpha > 0:
+                kd = self._kd_beside(outputs.logits[:, :-1], hidden, cached, mask) * scale
+                loss = loss + self.distill_alpha * kd
+                terms["kd_loss"] = kd.detach()
         if self.attention_weight > 0:
             s_qkv, t_qkv = self._capture[0].take(), self._capture[1].take()
             attn = sum(relation_kl(s, t, self._relation_heads, rows) for s, t in zip(s_qkv, t_qkv)) / 3

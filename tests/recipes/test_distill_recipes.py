@@ -91,6 +91,18 @@ def test_distillation_alone_trains_the_student(recipe, tmp_path, tiny_llama_fold
     assert any("q_proj" in k for k in moved)
 
 
+def test_label_smoothing_keeps_the_trainers_loss_and_the_full_kd_beside_it(tmp_path, tiny_llama_folder):
+    """The one-pass loss computes the plain CE only: with label smoothing the Trainer's loss is kept and
+    the full-vocabulary KD is added to it (not a top-k one, not none)."""
+    config = tiny_config(tmp_path, tiny_llama_folder, max_steps=2, save_steps=100, distill_alpha=0.5,
+                         label_smoothing_factor=0.1)
+    warmup_10B.main(["--config", str(config)])
+    logs = train_logs(tmp_path / "run")
+    assert logs[2]["kd_loss"] > 0  # step 1 is at λ = 0 (the student is the teacher), step 2 is not
+    for h in logs.values():
+        assert h["loss"] == pytest.approx(0.5 * h["ce_loss"] + 0.5 * h["kd_loss"], abs=2e-4)
+
+
 def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_llama_folder, smollm2_gguf):
     config = tiny_config(tmp_path, tiny_llama_folder, teacher_name_or_path=str(smollm2_gguf), distill_alpha=0.5)
     with pytest.raises(ConfigError, match="does not share the student's tokenizer"):
