@@ -3,7 +3,7 @@
     python scripts/bench_train.py [--shapes smollm2 llama2048] [--repeats 2] [--steps 3] [--threads 2]
                                   [--impls plain fast blend kd kd_bf16 kd_topk kd_cache kd_recompute reference]
                                   [--top-k 32] [--device cpu|cuda]
-                                  [--mmap-threshold BYTES]
+                                  [--heap keep|glibc] [--mmap-threshold BYTES]
 
 A step is forward + backward + AdamW step (fused: the Trainer's default) on a random-init Llama (no download) with random tokens.
 Every case runs in a fresh process (plain, BitLinear and the reference alternating, --repeats
@@ -11,7 +11,9 @@ rounds); a process runs one warmup step (AdamW allocates its state there) and th
 steps, and the case's time is the fastest step of all its processes. Peak memory: the process's
 peak RSS on CPU (ru_maxrss: model, optimizer and activations all count), torch.cuda.max_memory_allocated
 on CUDA; the largest over its processes. CPU runs float32; CUDA runs bf16 autocast over float32
-master weights.
+master weights. `--heap keep` (default) sets the heap as the recipes do for a CPU run
+(bitft.train.cpu_heap: freed blocks stay in the heap, no page faults per step), `--heap glibc` leaves
+glibc's default (every block above 32 MiB mapped and faulted in anew each step).
 
 impls: `plain` = the unconverted model; `fast` = bitft's BitLinear at λ=1 (int8 saved activations,
 cached weight codes, integer matmul); `blend` = the same at λ=0.5 (a λ warmup's steps); `kd` = `fast`
@@ -57,12 +59,17 @@ IMPLS = {"plain": "plain model", "fast": "BitLinear λ=1", "blend": "BitLinear �
          "kd_cache": "BitLinear λ=1 + KD top-k, teacher cache", "reference": "fake-quant λ=1 (bitft ≤ 0.1)"}
 
 
-def run_case(shape: str, impl: str, steps: int, threads: int, device: str, top_k: int = 32) -> dict:
+def run_case(shape: str, impl: str, steps: int, threads: int, device: str, top_k: int = 32,
+             heap: str = "keep") -> dict:
     import resource
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if device == "cpu" and heap == "keep":
+        from bitft.train.cpu_heap import keep_heap
+
+        keep_heap()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     spec = SHAPES[shape]
@@ -145,17 +152,21 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top-k", type=int, default=32, help="kd_topk / kd_cache: teacher tokens per position")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--heap", choices=["keep", "glibc"], default="keep",
+                   help="CPU: keep freed blocks in the heap as the recipes do (bitft.train.cpu_heap), or glibc's default")
     p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="glibc MALLOC_MMAP_THRESHOLD_ for every case: blocks above it are mmapped and returned "
                         "to the OS when freed, so peak RSS tracks live tensors rather than heap fragmentation")
     p.add_argument("--case", nargs=2, metavar=("SHAPE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.mmap_threshold is not None:
+        args.heap = "glibc"  # the threshold only matters where glibc maps large blocks
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.case:
-        print("RESULT " + json.dumps(run_case(*args.case, args.steps, args.threads, args.device, args.top_k)), flush=True)
+        print("RESULT " + json.dumps(run_case(*args.case, args.steps, args.threads, args.device, args.top_k, args.heap)), flush=True)
         return
 
     import torch
@@ -169,7 +180,8 @@ def main():
         for shape in args.shapes:
             for impl in args.impls:
                 cmd = [sys.executable, __file__, "--case", shape, impl, "--steps", str(args.steps),
-                       "--threads", str(args.threads), "--device", args.device, "--top-k", str(args.top_k)]
+                       "--threads", str(args.threads), "--device", args.device, "--top-k", str(args.top_k),
+                       "--heap", args.heap]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
                 if out.returncode or not line:
@@ -184,7 +196,7 @@ def main():
         return (min(x["time"] for x in rs), max(x["peak_mib"] for x in rs)) if rs else None
 
     dev = f"CUDA {torch.cuda.get_device_name()} bf16 autocast" if args.device == "cuda" else \
-        f"CPU float32, {args.threads} threads, capability {cap}"
+        f"CPU float32, {args.threads} threads, capability {cap}, heap {args.heap}"
     print(f"\n{dev}; forward+backward+AdamW step, best of {args.repeats} fresh processes × {args.steps} steps; "
           f"peak {'max_memory_allocated' if args.device == 'cuda' else 'RSS'}"
           f"{'' if args.mmap_threshold is None else f', MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}'}\n")

@@ -37,6 +37,7 @@ from bitft.train.disk import disk_full_error
 from bitft.train.distill import DistillMixin
 from bitft.train.preempt import raise_if_preempted, restore_signals
 from bitft.train.zero_resume import prepare_zero_resume
+from bitft.train.cpu_heap import keep_heap
 from bitft.train.resume import CheckpointMarker, is_complete, resume_checkpoint, save_checkpoint
 
 logger = logging.getLogger("bitft")
@@ -179,6 +180,8 @@ def start_run(args) -> Path | None:
         raise ConfigError("output_dir is required")
     setup_logging(args)
     setup_wandb(args)
+    if args.use_cpu or not torch.cuda.is_available():
+        keep_heap()
     resume = resume_checkpoint(args.output_dir, True if args.resume_from_checkpoint is None else args.resume_from_checkpoint,
                                is_main=args.process_index == 0)
     set_seed(args.seed)
