@@ -8,8 +8,9 @@ kernel on first touch. Measured on 2 cores: `torch.zeros` + one add of that size
 page faults fresh, 12 ms and none from reused memory; a SmolLM2 training step spent ~0.45 s of ~3.3 s
 in the embedding gradient's zero-fill and the tied-weight add alone.
 `mallopt(M_MMAP_MAX, 0)` serves every block from the heap and `M_TRIM_THRESHOLD` keeps the freed top of
-it, so the next step reuses the same pages. Peak RSS is unchanged (the live tensors are the same); the
-memory stays with the process until it exits. CUDA has its own caching allocator: not used there.
+it, so the next step reuses the same pages: a SmolLM2 step 0.74–0.92× the time. The price: a heap that
+never gives memory back fragments (peak RSS up to 1.09× at SmolLM2 shapes), and the memory stays with
+the process until it exits. CUDA has its own caching allocator: not used there.
 """
 
 from __future__ import annotations
