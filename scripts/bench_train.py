@@ -152,15 +152,17 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top-k", type=int, default=32, help="kd_topk / kd_cache: teacher tokens per position")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--heap", choices=["keep", "glibc"], default="keep",
-                   help="CPU: keep freed blocks in the heap as the recipes do (bitft.train.cpu_heap), or glibc's default")
+    p.add_argument("--heap", choices=["keep", "glibc"], default=None,
+                   help="CPU: keep freed blocks in the heap as the recipes do (bitft.train.cpu_heap; the default), "
+                        "or glibc's default (the default with --mmap-threshold)")
     p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="glibc MALLOC_MMAP_THRESHOLD_ for every case: blocks above it are mmapped and returned "
                         "to the OS when freed, so peak RSS tracks live tensors rather than heap fragmentation")
     p.add_argument("--case", nargs=2, metavar=("SHAPE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.mmap_threshold is not None:
-        args.heap = "glibc"  # the threshold only matters where glibc maps large blocks
+    if args.mmap_threshold is not None and args.heap == "keep":
+        p.error("--mmap-threshold sets where glibc maps large blocks; --heap keep maps none: use --heap glibc")
+    args.heap = args.heap or ("glibc" if args.mmap_threshold is not None else "keep")
     if args.device is None:
         import torch
 

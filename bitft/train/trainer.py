@@ -33,11 +33,11 @@ from bitft.errors import ConfigError, NonFiniteLossError
 from bitft.files import write_text_atomic
 from bitft.export.gguf_vocab_copy import carry_source_tokenizer
 from bitft.surgery import get_lambda, set_lambda
+from bitft.train.cpu_heap import keep_heap
 from bitft.train.disk import disk_full_error
 from bitft.train.distill import DistillMixin
 from bitft.train.preempt import raise_if_preempted, restore_signals
 from bitft.train.zero_resume import prepare_zero_resume
-from bitft.train.cpu_heap import keep_heap
 from bitft.train.resume import CheckpointMarker, is_complete, resume_checkpoint, save_checkpoint
 
 logger = logging.getLogger("bitft")
