@@ -148,7 +148,7 @@ class PretrainDataArguments:
 
 @dataclass
 class ClusterArguments:
-    # preemption and relaunch (SLURM, Kubernetes): README "Running on a cluster"
+    # preemption and relaunch (SLURM, Kubernetes): docs/cluster.md#what-a-signal-does
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"], metadata={
         "help": "signals that stop the run after the current optimizer step with a checkpoint (exit 75); [] = none"})
     allow_batch_change: bool = field(default=False, metadata={

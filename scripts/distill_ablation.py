@@ -1,4 +1,4 @@
-"""Distillation from the full-precision teacher against plain cross-entropy, at equal tokens: the README's evidence.
+"""Distillation from the full-precision teacher against plain cross-entropy, at equal tokens: docs/studies/distill_ablation.md.
 
     python scripts/distill_ablation.py                  # SmolLM2-135M, 4 variants × 120 steps × 512 tokens
     python scripts/distill_ablation.py --seed 1 --variants ce kd_attn --out runs/distill-ablation-seed1

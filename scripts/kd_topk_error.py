@@ -7,7 +7,7 @@ pass a trained checkpoint to see the end); teacher: the full-precision model (de
 source at λ=0). Data: the demo's held-out blocks (text shipped with bitft, 128 tokens each).
 For each k it prints, over all positions: the teacher's probability mass in its top k, the sparse KL
 as a fraction of the full KL, and the gradient of the sparse KD in the student's logits against the
-full KD's (cosine, relative L2 error) — the numbers behind the README's choice of k.
+full KD's (cosine, relative L2 error) — the numbers behind the choice of k (docs/studies/recipe_study.md).
 """
 
 from __future__ import annotations

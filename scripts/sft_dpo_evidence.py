@@ -1,4 +1,4 @@
-"""SFT and DPO on the real SmolLM2-135M-Instruct BitNet model, on CPU: the README's SFT/DPO table.
+"""SFT and DPO on the real SmolLM2-135M-Instruct BitNet model, on CPU: the SFT/DPO table of docs/training.md.
 
     python scripts/sft_dpo_evidence.py [--base runs/demo-warmup] [--out runs/sft-dpo-evidence]
 

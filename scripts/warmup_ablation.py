@@ -1,4 +1,4 @@
-"""Abrupt quantization against linear and sigmoid λ warmup, at equal tokens: the README's warmup evidence.
+"""Abrupt quantization against linear and sigmoid λ warmup, at equal tokens: docs/studies/warmup_ablation.md.
 
     python scripts/warmup_ablation.py                   # SmolLM2-135M, 3 × 120 steps × 512 tokens
     python scripts/warmup_ablation.py --steps 240       # longer; any extra flag goes to the recipe
@@ -18,7 +18,7 @@ perplexity (--ppl-windows × 2048 tokens) and a short zero-shot subset (--tasks,
 examples); the original full-precision model gets the same, as the bar to aim at.
 
 Writes OUT/warmup_ablation.{png,md,json}. A variant whose run finished is not rerun (delete its
-folder to redo it), so a second call only redraws. Run time on the 2-core CPU: see the README.
+folder to redo it), so a second call only redraws. Run time on the 2-core CPU: see docs/studies/warmup_ablation.md.
 The machinery (train, evaluate, curves, plot, table) also serves scripts/distill_ablation.py.
 """
 

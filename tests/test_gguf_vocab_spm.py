@@ -102,7 +102,7 @@ def test_sentencepiece_vocabulary_tokenizes_as_transformers(spm_models, tmp_path
     assert (types.count(gguf.TokenType.BYTE) == 256) == (kind == "bpe")  # byte fallback pieces <0x00>..<0xFF>
     assert types[3] == gguf.TokenType.CONTROL and types[4] == gguf.TokenType.USER_DEFINED  # <|end|>, <|user|>
     llm, tok = llama_vocab(tmp_path / "v.gguf"), AutoTokenizer.from_pretrained(folder)
-    # (user-defined pieces are left out: llama.cpp splits them off like special tokens, README)
+    # (user-defined pieces are left out: llama.cpp splits them off like special tokens, docs/export.md#sentencepiece-vocabularies-in-gguf)
     for text in (TEXT, WIKI, "Hello world", " leading space", "x<|end|>y", "x <|end|> y"):
         ours = llm.tokenize(text.encode(), add_bos=False, special=True)
         assert ours == tok(text, add_special_tokens=False).input_ids, text[:40]
@@ -114,7 +114,7 @@ def test_sentencepiece_vocabulary_tokenizes_as_transformers(spm_models, tmp_path
 @pytest.mark.slow
 def test_non_legacy_llama_tokenizer_differs_only_at_a_leading_space(spm_models, tmp_path):
     """transformers' LlamaTokenizer (legacy=False) adds no "▁" to a text that starts with a space, SentencePiece
-    and llama.cpp add one: the only difference, and a known one (README)."""
+    and llama.cpp add one: the only difference, and a known one (docs/export.md#sentencepiece-vocabularies-in-gguf)."""
     folder = spm_folder(spm_models["bpe"], tmp_path / "tok", "json", tokenizer_class="LlamaTokenizer")
     vocab_gguf(folder, tmp_path / "v.gguf")
     llm, tok = llama_vocab(tmp_path / "v.gguf"), AutoTokenizer.from_pretrained(folder)
