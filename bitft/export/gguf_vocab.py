@@ -23,6 +23,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from bitft.errors import BitftError
+from bitft.export.gguf_vocab_copy import PREFIX, copied_fields, write_raw
 
 # llama.cpp's probe text, exactly (the hashes depend on every character).
 PROBE = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
@@ -120,8 +121,6 @@ class GGUFVocab:
         import gguf
 
         if self.raw is not None:
-            from bitft.export.gguf_vocab_copy import write_raw
-
             write_raw(writer, self.raw)
             template = gguf.SpecialVocab(folder, n_vocab=0).chat_template  # the folder's: training may set it
             if template is not None:
@@ -153,11 +152,10 @@ class GGUFVocab:
 def gguf_vocab(folder: Path, n_vocab: int, tokenizer_pre: str | None) -> GGUFVocab:
     """What FOLDER's export writes under tokenizer.*: copied from a source GGUF, SentencePiece, or byte-level BPE."""
     from bitft.export.gguf_spm import is_sentencepiece, special_policy, spm_vocab
-    from bitft.export.gguf_vocab_copy import copied_vocab
 
-    copied = copied_vocab(folder, n_vocab)
-    if copied is not None:
-        return copied
+    raw = copied_fields(folder, n_vocab)
+    if raw is not None:
+        return GGUFVocab(raw.get(PREFIX + "model", {}).get("value", "?"), raw.get(PREFIX + "pre", {}).get("value"), raw=raw)
     tj = folder / "tokenizer.json"  # decides when present: Llama-3 folders ship a tiktoken-format tokenizer.model
     if is_sentencepiece(json.loads(tj.read_text())) if tj.is_file() else (folder / "tokenizer.model").is_file():
         if tokenizer_pre:

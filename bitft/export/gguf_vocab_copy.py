@@ -5,9 +5,12 @@ may not round-trip every llama.cpp detail (scores, token types, add_space_prefix
 name, a Unigram charsmap). So convert also writes every `tokenizer.ggml.*` key of x.gguf, with its GGUF
 type, to `gguf_tokenizer.json` beside the weights (`save_source_tokenizer`). It is a side file: the
 export, `copy_side_files` and training runs carry it along. `bitft export --gguf` writes those keys back
-unchanged (`copied_vocab`), padding the token arrays with UNUSED `[PADn]` entries only if the model has
-more embeddings than the GGUF had tokens, after checking that the folder's tokenizer still has the same
-tokens at the same ids (remove the file to export the folder's own tokenizer instead).
+unchanged (`copied_fields`, then `write_raw`), padding the token arrays with UNUSED `[PADn]` entries only if
+the model has more embeddings than the GGUF had tokens, after checking that the folder's tokenizer still has
+the same tokens at the same ids (remove the file to export the folder's own tokenizer instead).
+
+One direction: bitft/export/gguf_vocab.py (the export's vocabulary) imports this module and wraps the copied
+fields in its GGUFVocab; this module imports nothing of the export.
 """
 
 from __future__ import annotations
@@ -75,10 +78,9 @@ def write_raw(writer, raw: dict) -> None:
         writer.add_key_value(key, _value(entry), V[entry["type"]], sub_type=sub)
 
 
-def copied_vocab(folder: Path, n_vocab: int):
-    """The GGUFVocab copied from FOLDER/gguf_tokenizer.json, or None when the folder has none."""
-    from bitft.export.gguf_vocab import GGUFVocab
-
+def copied_fields(folder: Path, n_vocab: int) -> dict | None:
+    """The tokenizer.ggml.* fields of FOLDER/gguf_tokenizer.json (key -> GGUF type and value), checked against
+    the folder's tokenizer and padded to N_VOCAB tokens; None when the folder has none."""
     path = Path(folder) / SIDE_FILE
     if not path.is_file():
         return None
@@ -95,8 +97,7 @@ def copied_vocab(folder: Path, n_vocab: int):
                             ("token_type", [5] * len(pad))):  # 5: UNUSED
             if PREFIX + key in raw:
                 raw[PREFIX + key] = {**raw[PREFIX + key], "value": raw[PREFIX + key]["value"] + filler}
-    model = raw.get(PREFIX + "model", {}).get("value", "?")
-    return GGUFVocab(model, raw.get(PREFIX + "pre", {}).get("value"), raw=raw)
+    return raw
 
 
 def _check_same_tokens(folder: Path, tokens: list[str], path: Path) -> None:
