@@ -5,7 +5,9 @@ exit that says "requeue me".
   handler only records the signal and writes one line to fd 2, never through `logging` (a signal
   that lands while the process writes to stderr would make that a reentrant call). Before training
   begins there is nothing to save: it raises `Preempted` at once (one line). A second signal while
-  stopping is counted and ignored.
+  stopping is counted and ignored. Under accelerate's simple launcher, which SIGKILLs its worker 5 s
+  after forwarding SIGTERM (accelerate >= 1.16), the first signal also holds the launcher until this
+  process has exited (launcher_guard.py), so a checkpoint may take the sender's whole grace period.
 - `on_step_end` (after the optimizer step): every process all-reduces (MAX) the signal it
   received, one integer per optimizer step, so all ranks stop after the same step even when the
   signal reached them at different moments. Then `should_save` + `should_training_stop`: the
@@ -29,6 +31,7 @@ import torch
 from transformers import TrainerCallback
 
 from bitft.errors import ConfigError, Preempted
+from bitft.train.launcher_guard import LauncherGuard
 
 logger = logging.getLogger("bitft")
 
@@ -71,6 +74,7 @@ class PreemptionCallback(TrainerCallback):
         self.step_ended_at: float | None = None
         self.ignored = 0  # further signals while stopping
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
+        self.guard = LauncherGuard().start() if self.signals else None  # accelerate >= 1.16's simple launcher
         if self.signals:
             logger.info("on %s: checkpoint after the current optimizer step, then exit %d (requeue)",
                         " or ".join(s.name for s in self.signals), REQUEUE_EXIT)
@@ -84,6 +88,9 @@ class PreemptionCallback(TrainerCallback):
             _say(f"{sig.name} received while stopping on {self.received.name}: ignored, the checkpoint is being written")
             return
         self.received, self.received_at = sig, time.time()
+        if self.guard is not None and self.guard.hold():
+            _say(f"{sig.name}: accelerate's launcher is held (stopped) until this process exits, so that it cannot "
+                 "kill the checkpoint 5 s after forwarding the signal")
         if self.phase == "before":
             stop = Preempted(f"{sig.name} before the first optimizer step of this launch: nothing new to save; "
                              "relaunch the same command to start (or resume) the run")

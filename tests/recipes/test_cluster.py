@@ -1,8 +1,10 @@
 """The warmup recipe on a cluster: preemption signals, another world size, a full disk (tiny Llama, CPU).
 
-- SIGTERM to the whole step (what SLURM does on preemption), 1 process: the run stops after the
-  optimizer step it is in with a complete checkpoint of that step; a second signal to the worker
-  during the save is ignored; the relaunch gives the uninterrupted run's losses.
+- SIGTERM to the whole step (what SLURM does on preemption) or to the launcher alone (a user's kill),
+  1 process under accelerate's simple launcher, with a stop checkpoint slower than the 5 s after which
+  accelerate >= 1.16 kills its worker: the run stops after the optimizer step it is in with a complete
+  checkpoint of that step; a second signal to the worker during the save is ignored; the relaunch
+  gives the uninterrupted run's losses.
 - SIGUSR1 (`--signal=USR1`), 2 DDP processes whose launchers ignore it (scripts/slurm_warmup.sbatch):
   both ranks stop after the same step; the relaunch gives the uninterrupted losses.
 - A signal before the first step: exit 75 and one line.
@@ -106,15 +108,35 @@ def reap(processes) -> str:
     return "; ".join(got)
 
 
-def preempt(config, sig, launcher="cpu", ignored=(), second=False):
-    """Launch, send SIG to every process once checkpoint-3 is complete; (stdout+stderr, seconds).
+SLOW_SAVE = """
+import sys, time
+if any(a.endswith("warmup_10B.py") for a in sys.argv):
+    import transformers
+    save = transformers.Trainer._save_checkpoint
+    def slow_save(self, *args, **kwargs):  # the stop's checkpoint takes longer than accelerate's 5 s
+        if self.control.should_training_stop:
+            time.sleep({seconds})
+        return save(self, *args, **kwargs)
+    transformers.Trainer._save_checkpoint = slow_save
+"""
+
+
+def preempt(config, sig, launcher="cpu", ignored=(), second=False, launcher_only=False, slow_save=0.0):
+    """Launch, send SIG to every process (or to the launcher alone) once checkpoint-3 is complete;
+    (stdout+stderr, seconds). SLOW_SAVE: seconds added to the stop's checkpoint (a sitecustomize).
 
     The output is read as it comes (a full pipe would block the workers' writes), and the workers'
     exit statuses are appended to it (faulthandler on: a crash prints its traceback)."""
+    import os
     import threading
 
     cmd, e = command(config, launcher=launcher)
     e["PYTHONFAULTHANDLER"] = "1"
+    if slow_save:
+        site = Path(config).parent / "slow_save"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(SLOW_SAVE.format(seconds=slow_save))
+        e["PYTHONPATH"] = os.pathsep.join([str(site), e.get("PYTHONPATH", "")])
     subreaper(True)
     try:
         proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -127,7 +149,7 @@ def preempt(config, sig, launcher="cpu", ignored=(), second=False):
         processes = tree(proc)
         assert len(processes) >= 2  # the launcher and its worker(s)
         t0 = time.time()
-        signal_all(processes, sig)
+        signal_all(processes[:1] if launcher_only else processes, sig)
         if second:  # again, to the workers (bitft's handlers; a launcher's own reaction is its business),
             wait_for(run / f"checkpoint-{STOP_AT}", proc, processes, timeout=60)  # while the stop's checkpoint is written
             signal_all(processes[1:], sig)
@@ -163,12 +185,18 @@ def assert_close_losses(run, ref, rel, steps=range(1, MAX_STEPS + 1)):
 
 
 @pytest.mark.slow
-def test_sigterm_one_process_stops_at_the_step_and_resumes_exactly(reference, tmp_path, tiny_llama_folder):
+@pytest.mark.parametrize("to", ["every process", "the launcher alone"])
+def test_sigterm_one_process_stops_at_the_step_and_resumes_exactly(reference, tmp_path, tiny_llama_folder, to):
+    """The simple launcher (`accelerate launch --cpu`): accelerate >= 1.16 SIGKILLs its worker 5 s after
+    forwarding SIGTERM; the stop's checkpoint here takes 8 s more, and must still complete."""
     config = tiny_config(tmp_path, tiny_llama_folder)
     run = tmp_path / "run"
-    out, seconds = preempt(config, signal.SIGTERM, second=True)
+    out, seconds = preempt(config, signal.SIGTERM, second=to == "every process", launcher_only=to != "every process",
+                           slow_save=8)
     assert_stopped(run, out)
-    assert "SIGTERM received while stopping" in out  # the second one: logged, ignored
+    assert seconds > 8  # the checkpoint outlived accelerate's 5 s
+    if to == "every process":
+        assert "SIGTERM received while stopping" in out  # the second one: logged, ignored
     r = launch(config)
     assert f"resuming from {run / f'checkpoint-{STOP_AT}'}" in r.stdout + r.stderr
     assert_close_losses(run, reference[1], rel=1e-5)
