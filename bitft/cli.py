@@ -151,6 +151,30 @@ def _eval(args) -> None:
     print(f"\n{result['seconds']:.0f} s")
 
 
+def _diagnose(args) -> None:
+    """`bitft diagnose`: perplexity with each part of the model ternary, block errors; a table, a PNG, or JSON."""
+    import json
+
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    import torch
+
+    from bitft.diagnose import plot, run, table
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    say = None if args.json else (lambda line: print(line, flush=True))
+    r = run(args.model, args.data, args.seqlen, args.windows or args.limit or 4, args.per_block, getattr(torch, args.dtype), say)
+    if args.plot:
+        r["plot"] = str(plot(r, args.plot, f"{args.model}: {r['data']}, {r['windows'][0]} x {r['seqlen']} tokens"))
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"\n{args.model} ({r['what']}, {r['parameters']:,} parameters); {r['data']}, {r['windows'][0]} windows x "
+          f"{r['seqlen']} tokens\n\n{table(r)}\n\nworst kind of layer: {r['worst']}; {r['seconds']:.0f} s"
+          + (f"; plot {r['plot']}" if args.plot else ""))
+
+
 def _teacher_cache(args) -> None:
     from bitft.train.teacher_cache import cache_for_recipe
 
@@ -188,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--packed", action="store_true", help="transformers' BitNet format (uint8, 4 weights a byte)")
     fmt.add_argument("--gguf", action="store_true", help="a GGUF file for llama.cpp (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma-3, BitNet with SiLU)")
     e.add_argument("--output", "-o", required=True, help="folder (--packed) or .gguf file (--gguf) to write")
-    e.add_argument("--type", default="tq2_0", help="--gguf: tq2_0 (2.06 bits), tq1_0 (1.69 bits), or the exact baselines q8_0, f16 (default tq2_0)")
+    e.add_argument("--type", default="tq2_0", help="--gguf: tq2_0 (2.06 bits), tq1_0 (1.69 bits), i2_s (2 bits, bitnet.cpp only), "
+                                                   "or the exact baselines q8_0, f16 (default tq2_0)")
     e.add_argument("--float-type", default="f16", choices=["f16", "f32"],
                    help="--gguf: type of embeddings and lm_head (default f16)")
     e.add_argument("--tokenizer-pre", default=None,
@@ -236,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--max-blocks", type=int, help="only the first N training blocks (default: all; a stream: max_steps' worth)")
     tc.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     tc.set_defaults(func=_teacher_cache)
+
+    dg = sub.add_parser("diagnose", help="where a model breaks: perplexity with activations, weights, each kind of layer "
+                                         "and each block ternary; each block's output error (table, PNG)")
+    dg.add_argument("model", help="model folder, hub id, bitft checkpoint (diagnosed from its master weights), .gguf, or smollm2")
+    dg.add_argument("--data", help="raw text file, or shipped:NAME (default: WikiText-2 test, as bitft eval --ppl)")
+    dg.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
+    dg.add_argument("--windows", type=int, help="windows per perplexity (default 4: every row is a pass over them)")
+    dg.add_argument("--limit", type=int, help="the same as --windows (bitft eval's name)")
+    dg.add_argument("--per-block", action="store_true", help="also one perplexity per decoder block ternary alone (slow: one pass each)")
+    dg.add_argument("--plot", metavar="PNG", help="write the plot here")
+    dg.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="dtype to load the model in")
+    dg.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    dg.set_defaults(func=_diagnose)
 
     i = sub.add_parser("info", help="print what a checkpoint is, as a table")
     i.add_argument("checkpoint", help="checkpoint folder, .gguf file, or smollm2")
