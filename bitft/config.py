@@ -156,6 +156,49 @@ class ClusterArguments:
 
 
 @dataclass
+class BlockwiseArguments:
+    # block-wise reconstruction before the end-to-end phase (bitft.train.blockwise); block_steps 0 = none
+    block_steps: int = field(default=0, metadata={
+        "help": "block-wise phase: at most this many optimizer steps per decoder block (0 = no block phase)"})
+    block_calibration_blocks: int = field(default=64, metadata={
+        "help": "block-wise phase: training blocks (block_size tokens) it trains on, the first ones of the training data"})
+    block_heldout_blocks: int = field(default=16, metadata={
+        "help": "block-wise phase: the next training blocks, held out for its early stop (never the recipe's eval blocks)"})
+    block_batch_size: int = field(default=4, metadata={"help": "block-wise phase: sequences per optimizer step"})
+    block_learning_rate: float = field(default=1e-3, metadata={"help": "block-wise phase: peak AdamW learning rate"})
+    block_warmup_steps: int = field(default=0, metadata={"help": "block-wise phase: linear warmup steps of each block's cosine"})
+    block_eval_steps: int = field(default=16, metadata={"help": "block-wise phase: held-out error every N steps"})
+    block_patience: int = field(default=2, metadata={
+        "help": "block-wise phase: stop a block after N held-out evaluations without a new best (its best weights kept)"})
+    block_save_steps: int = field(default=32, metadata={
+        "help": "block-wise phase: write its resumable state every N steps (and at each block's end; 0 = block ends only)"})
+    block_activations: str = field(default="auto", metadata={
+        "help": "block-wise phase: where the two activation streams live: memory, disk (memory-mapped files in "
+                "output_dir/blockwise) or auto (disk when they need over half the available memory)"})
+
+    def __post_init__(self):
+        for name in ("block_steps", "block_warmup_steps", "block_save_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("block_calibration_blocks", "block_heldout_blocks", "block_batch_size", "block_eval_steps",
+                     "block_patience"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("block_calibration_blocks", "block_heldout_blocks"):
+            if getattr(self, name) % self.block_batch_size:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of block_batch_size "
+                                  f"({self.block_batch_size})")
+        if not self.block_learning_rate > 0:
+            raise ConfigError(f"block_learning_rate must be > 0, got {self.block_learning_rate}")
+        if self.block_activations not in ("auto", "memory", "disk"):
+            raise ConfigError(f"block_activations must be auto, memory or disk, got {self.block_activations!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.block_steps > 0
+
+
+@dataclass
 class RowDataArguments:
     dataset: list[str] = field(default_factory=list, metadata={"help": "hub dataset id, or local jsonl/json files/folders"})
     dataset_config: str | None = field(default=None, metadata={"help": "hub dataset config"})

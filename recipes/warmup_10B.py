@@ -33,10 +33,11 @@ import torch
 from transformers import TrainingArguments, default_data_collator
 
 import bitft
-from bitft.config import (ClusterArguments, DistillArguments, LambdaArguments, ModelArguments, PretrainDataArguments,
-                          parse_config)
+from bitft.config import (BlockwiseArguments, ClusterArguments, DistillArguments, LambdaArguments, ModelArguments,
+                          PretrainDataArguments, parse_config)
 from bitft.data.pretrain import build_datasets
 from bitft.errors import ConfigError, run_main
+from bitft.train.blockwise import calibration_ids, check_blockwise, reconstruct
 from bitft.train.callbacks import LambdaCallback, ThroughputCallback, install_progress
 from bitft.train.distill import build_teacher
 from bitft.train.model import load_model
@@ -49,14 +50,16 @@ from bitft.train.trainer import BitftTrainer, finish_run, logger, start_run, tra
 
 def main(argv=None) -> dict:
     # 1. configuration: YAML, then flags
-    model_args, data_args, lambda_args, distill_args, cluster_args, args = parse_config(
-        (ModelArguments, PretrainDataArguments, LambdaArguments, DistillArguments, ClusterArguments, TrainingArguments),
-        argv)
+    model_args, data_args, lambda_args, distill_args, block_args, cluster_args, args = parse_config(
+        (ModelArguments, PretrainDataArguments, LambdaArguments, DistillArguments, BlockwiseArguments, ClusterArguments,
+         TrainingArguments), argv)
     if model_args.use_peft:
         raise ConfigError("use_peft: the warmup trains the master weights; LoRA is for the SFT and DPO recipes")
     if args.include_num_input_tokens_seen == "no":  # the Trainer counts tokens (all processes, resumes included)
         args.include_num_input_tokens_seen = "all"
     schedule = lambda_args.schedule()
+    if block_args.active:
+        check_blockwise(schedule(0), model_args.use_peft, args.world_size, str(parse_rule(model_args.ternary_init)))
     resume = start_run(args)
     preempt = PreemptionCallback(cluster_args.preempt_signals) if cluster_args.preempt_signals else None
 
@@ -87,6 +90,10 @@ def main(argv=None) -> dict:
     run["ternary_init"] = ternary_start(model, model_args, schedule(0), resume, train_set)  # after the teacher's copy
     if resume is not None:
         check_run(resume, run, cluster_args.allow_batch_change)
+    blockwise = None
+    if block_args.active and resume is None:  # a resumed end-to-end phase loads the block-trained weights
+        calibration = calibration_ids(train_set, block_args.block_calibration_blocks + block_args.block_heldout_blocks)
+        blockwise = reconstruct(model, calibration, block_args, args, preempt)
 
     # 4. the Trainer, with the λ schedule, throughput and checkpoint-complete callbacks; evaluations at λ=1
     lambda_cb = LambdaCallback(schedule)
@@ -111,6 +118,11 @@ def main(argv=None) -> dict:
     # 5. train (resuming where a killed run stopped), held-out figures before (fresh start) and after
     results.update(train_and_evaluate(trainer, resume, evaluate=bool(eval_set)))
     results["tokens"] = results["steps"] * tokens_per_step
+    if blockwise is not None:  # the phase's minutes (calibration streams included) and each block's held-out error
+        results["blockwise"] = {k: blockwise[k] for k in ("minutes_this_launch", "block_train_minutes")}
+        results["blockwise"]["blocks"] = [{k: b[k] for k in ("block", "steps", "held_out_before", "held_out_after")}
+                                          for b in blockwise["blocks"]]
+        results["total_minutes"] = round(results["train_minutes"] + blockwise["minutes_this_launch"], 2)
     if "after" in results:
         results["after"]["eval_perplexity"] = math.exp(results["after"]["eval_loss"])
 
@@ -140,6 +152,10 @@ def report(r: dict) -> None:
     def ppl(key):
         return f"{r[key]['eval_perplexity']:.4g}" if key in r else "-"
 
+    if "blockwise" in r:
+        b = r["blockwise"]
+        print(f"\nblock-wise phase: {len(b['blocks'])} blocks, {sum(x['steps'] for x in b['blocks'])} steps, "
+              f"{b['minutes_this_launch']} min; end-to-end and block phases together {r['total_minutes']} min")
     print(f"\nsteps {r['steps']}  tokens {r['tokens']:,}  minutes {r['train_minutes']}  "
           f"final λ {r['lambda_final']}  processes {r['world_size']} ({r['engine']})\n"
           f"held-out λ=1 perplexity: before {ppl('before')}  after {ppl('after')}", flush=True)
