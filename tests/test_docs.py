@@ -319,6 +319,30 @@ def test_command_parses(where, command):
         pytest.fail(f"{where}: `{command}`: {e}", pytrace=False)
 
 
+def test_the_conventions_expand():
+    assert variants("OMP_NUM_THREADS=1 bitft eval MODEL --ppl [--backend llama.cpp|transformers] ...  ") == [
+        ["bitft", "eval", "MODEL", "--ppl", "--backend", "llama.cpp"],
+        ["bitft", "eval", "MODEL", "--ppl", "--backend", "transformers"]]
+    assert variants("x --ternary_init mse | 1.5 | gptq")[2] == ["x", "--ternary_init", "gptq"]
+
+
+@pytest.mark.parametrize("command", [
+    "bitft eval MODEL --ppl --window 4",                                    # --windows renamed
+    "bitft evaluate MODEL --ppl",                                           # a subcommand that is not there
+    "bitft export CKPT --gguf -o OUT.gguf --float-type bf16",               # a value that is not a choice
+    "accelerate launch recipes/sft.py --config configs/demo/sft.yaml --model_path RUN",  # a recipe flag
+    "accelerate launch recipes/sft.py --config configs/demo/sft_fast.yaml",  # a config that is not there
+    "accelerate launch recipes/finetune.py --config configs/demo/sft.yaml",  # a recipe that is not there
+    "python scripts/check_conversion.py CKPT --source smollm2 --window 2",  # a script's flag
+    "python scripts/recipe_study.py --seeds 42 --learning_rte 1e-3",        # a flag a study hands to its recipe
+    "bitft eval smollm2 --data shipped:eval/wikitext3.raw",                 # shipped data that is not there
+])
+def test_a_drifted_command_fails(command):
+    """The checker fails on what a rename leaves behind (a checker that passes everything proves nothing)."""
+    with pytest.raises((ParseError, AssertionError)):
+        check_command(command)
+
+
 # ------------------------------------------------------------------ links, anchors, citations
 
 def slug(heading: str) -> str:
