@@ -24,12 +24,22 @@ $(VOCABS): | $(SETUP)
 		'*/models/ggml-vocab-llama-spm.gguf*' '*/models/ggml-vocab-phi-3.gguf*' '*/models/ggml-vocab-gemma-4.gguf*' && \
 	touch $@ || echo "llama.cpp's vocabulary files not fetched: their tests will skip"
 
-setup: $(SETUP) $(VOCABS)
+# bitnet.cpp (microsoft/BitNet: the I2_S type, the bitnet-b1.58 graph) for tests/test_bitnet_cpp.py, built once
+# per machine (~7 min on 2 cores, cached in ~/.cache/bitnet.cpp-<hash>) from ../shared/vendor/bitnet.cpp;
+# without that folder those tests skip, saying so
+BITNET_SRC := ../shared/vendor/bitnet.cpp
+bitnet-cpp:
+	@if [ -f $(BITNET_SRC)/build.sh ]; then echo "bitnet.cpp: $$(bash $(BITNET_SRC)/build.sh)"; \
+	else echo "no $(BITNET_SRC): the bitnet.cpp tests will skip"; fi
+
+setup: $(SETUP) $(VOCABS) bitnet-cpp
 
 demo: $(SETUP)
 	bash scripts/demo.sh
 
-test: $(SETUP) $(VOCABS)
-	$(PY) -m pytest -q
+# two pytest workers (pytest-xdist) on the 2 cores, one thread each: the recipe launches are 1-thread processes;
+# a native crash in one worker fails its test and the run goes on to its summary
+test: $(SETUP) $(VOCABS) bitnet-cpp
+	$(PY) -m pytest -q -n 2 --dist load
 
-.PHONY: setup demo test
+.PHONY: setup demo test bitnet-cpp

@@ -189,14 +189,14 @@ class LlamaCppBackend:
     name = "llama.cpp"
 
     def __init__(self, path, threads: int | None = None):
-        import llama_cpp
+        from bitft.llamacpp import open_gguf
 
-        self._llama_cpp = llama_cpp
+        self._open = open_gguf
         self.path = str(path)
         self.threads = threads or torch.get_num_threads()
         self.llm = None
         self.n_ctx = 0
-        probe = llama_cpp.Llama(self.path, vocab_only=True, verbose=False)
+        probe = open_gguf(self.path, vocab_only=True, verbose=False)
         arch = probe.metadata.get("general.architecture", "llama")
         self.max_length = int(probe.metadata.get(f"{arch}.context_length", 2048))
         del probe
@@ -208,8 +208,8 @@ class LlamaCppBackend:
             size = 256
             while size < n:
                 size *= 2
-            self.llm = self._llama_cpp.Llama(self.path, n_ctx=size, n_batch=min(size, 512), logits_all=True,
-                                             n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+            self.llm = self._open(self.path, n_ctx=size, n_batch=min(size, 512), logits_all=True,
+                                  n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
             self.n_ctx = size
         return self.llm
 

@@ -53,9 +53,9 @@ def main():
         rows.append(("stock transformers, packed", out["greedy"][0].tolist(), out["logits"][0].numpy()))
 
     if args.gguf:
-        import llama_cpp
+        from bitft.llamacpp import open_gguf
 
-        llm = llama_cpp.Llama(args.gguf, n_ctx=512, logits_all=True, n_threads=2, verbose=False)
+        llm = open_gguf(args.gguf, n_ctx=512, logits_all=True, n_threads=2, verbose=False)
         prompt = ids[0].tolist()
         llm.eval(prompt)
         logits = np.array(llm.scores[: len(prompt)])

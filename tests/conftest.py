@@ -7,17 +7,27 @@ Plain helpers (tiny_model, cli_refuses, DATA, ...) are in helpers.py.
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # stock BitNet layers are @torch.compile: slow on CPU
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on the 2 cores: one thread each, children too
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import CACHE, TINY, TINY_CONFIGS, tiny_model
+
+
+def pytest_report_header(config):
+    """The machine and the package versions: a failure elsewhere says where it happened."""
+    from helpers import machine_line
+
+    return machine_line()
 
 
 @pytest.fixture(params=list(TINY_CONFIGS))
@@ -53,11 +63,14 @@ def smollm2_folder(smollm2_gguf):
     from bitft.sources import load_gguf
 
     path = CACHE / "smollm2-135m-instruct-fp32"
-    if not (path / "config.json").is_file():
-        model, tokenizer = load_gguf(smollm2_gguf)
-        with atomic_dir(path, overwrite=True) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".smollm2.lock", "w") as lock:  # test workers in parallel: one builds, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").is_file():
+            model, tokenizer = load_gguf(smollm2_gguf)
+            with atomic_dir(path, overwrite=True) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
     return path
 
 

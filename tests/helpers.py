@@ -204,3 +204,77 @@ def hf1bitllm_folder(folder: Path, seed: int = 0, zero_share: float = 0.4) -> Pa
     cfg.pop("dtype", None)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder
+
+
+CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx512f", "avx2")
+
+
+def cpu_flags() -> set:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split()) & set(CPU_FLAGS)
+
+
+def machine_line() -> list:
+    """Two lines for the test report's header: the CPU with its matmul flags, and the versions."""
+    import importlib.metadata as md
+    import platform
+
+    try:
+        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("model name")), platform.processor())
+    except OSError:
+        model = platform.processor()
+    flags = cpu_flags()
+    kind = "AMX" if "amx_int8" in flags else "AVX512-VNNI" if "avx512_vnni" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
+    versions = []
+    for p in ("torch", "transformers", "accelerate", "trl", "peft", "deepspeed", "llama-cpp-python", "gguf"):
+        try:
+            versions.append(f"{p} {md.version(p)}")
+        except md.PackageNotFoundError:
+            versions.append(f"{p} not installed")
+    return [f"cpu: {model}, {os.cpu_count()} cores, {kind} ({' '.join(sorted(flags)) or 'none of ' + ' '.join(CPU_FLAGS)})",
+            "versions: " + ", ".join(versions)]
+
+
+_LLAMA_CHILD = r"""
+import json, sys
+import numpy as np
+from bitft.llamacpp import open_gguf
+spec = json.loads(sys.argv[1])
+llm = open_gguf(spec["path"], n_ctx=spec["n_ctx"], logits_all=True, n_threads=2, verbose=False)
+out = {"tokens": [llm.tokenize(t.encode(), add_bos=b, special=s) for t, b, s in spec["tokenize"]],
+       "metadata": dict(llm.metadata), "use_extra_bufts": bool(llm.model_params.use_extra_bufts)}
+if spec["ids"]:
+    llm.eval(spec["ids"])
+    np.save(spec["logits"], np.array(llm.scores[: len(spec["ids"])]))
+print(json.dumps(out))
+"""
+
+
+def llama_cpp_run(path, ids=(), tokenize=(), n_ctx: int = 128) -> dict:
+    """llama.cpp (through bitft.llamacpp.open_gguf) in a fresh process, so that a native crash fails the test
+    calling it, not the whole run: {"logits": array [len(ids), vocab] or None, "tokens": one list per
+    (text, add_bos, special) of TOKENIZE, "metadata": the file's keys, "use_extra_bufts": bool}."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+    import pytest
+
+    pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = dict(path=str(path), ids=[int(i) for i in ids], tokenize=[list(t) for t in tokenize], n_ctx=n_ctx,
+                    logits=f"{tmp}/logits.npy")
+        r = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, json.dumps(spec)], capture_output=True, text=True,
+                           cwd=REPO, env=dict(os.environ, PYTHONFAULTHANDLER="1"), timeout=600)
+        if r.returncode != 0:
+            raise AssertionError(f"llama.cpp process exit {r.returncode} on {path}:\n{r.stderr[-4000:]}")
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        out["logits"] = np.load(spec["logits"]) if spec["ids"] else None
+    return out

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -46,6 +47,18 @@ def run_json(capsys, argv) -> dict:
     capsys.readouterr()
     assert main([str(a) for a in argv] + ["--json", "--no-progress"]) == 0
     return json.loads(capsys.readouterr().out)
+
+
+def run_json_process(argv) -> dict:
+    """`bitft ARGV --json` in a fresh process: what loads llama.cpp, so that a native crash fails one test."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import sys; from bitft.cli import main; sys.exit(main(sys.argv[1:]))",
+                        *map(str, argv), "--json", "--no-progress"], capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+    assert r.returncode == 0, f"bitft {' '.join(map(str, argv))}: exit {r.returncode}\n{r.stderr[-4000:]}"
+    return json.loads(r.stdout)
 
 
 def test_windows_are_whole_non_overlapping_and_the_tail_is_dropped():
@@ -158,7 +171,7 @@ def test_gguf_through_llama_cpp_matches_the_checkpoint(wide_gguf, tmp_path, caps
     folder, gguf = wide_gguf
     args = ["--ppl", "--data", WIKITEXT, "--seqlen", 128, "--limit", 2]
     ours = run_json(capsys, ["eval", folder, *args])
-    theirs = run_json(capsys, ["eval", gguf, *args])  # auto: llama.cpp
+    theirs = run_json_process(["eval", gguf, *args])  # auto: llama.cpp
     deq = run_json(capsys, ["eval", gguf, *args, "--backend", "transformers"])
     assert theirs["backend"] == "llama.cpp" and deq["backend"] == "transformers"
     # same tokens (transformers' GGUF tokenizer) for every backend
@@ -170,7 +183,7 @@ def test_gguf_through_llama_cpp_matches_the_checkpoint(wide_gguf, tmp_path, caps
     assert "GGUF file" in err and "--lambda" in err
     # the harness's tasks through llama.cpp too
     tasks = ["--tasks", "piqa", "winogrande", "--limit", 6]
-    ours, theirs = run_json(capsys, ["eval", folder, *tasks]), run_json(capsys, ["eval", gguf, *tasks])
+    ours, theirs = run_json(capsys, ["eval", folder, *tasks]), run_json_process(["eval", gguf, *tasks])
     assert theirs["backend"] == "llama.cpp"
     for name in ("piqa", "winogrande"):
         assert ours["tasks"][name]["n"] == theirs["tasks"][name]["n"] == 6
@@ -190,7 +203,7 @@ def test_smollm2_wikitext_ppl_near_the_reference(smollm2):
 def test_smollm2_gguf_llama_cpp_agrees_with_transformers(smollm2_gguf, capsys):
     pytest.importorskip("llama_cpp")
     args = ["eval", smollm2_gguf, "--ppl", "--seqlen", 512, "--limit", 1]
-    cpp = run_json(capsys, args)["perplexity"]["ppl"]
+    cpp = run_json_process(args)["perplexity"]["ppl"]
     hf = run_json(capsys, [*args, "--backend", "transformers"])["perplexity"]["ppl"]
     print(f"SmolLM2 Q4_1 GGUF, 1 window of 512: llama.cpp {cpp:.4f}, transformers (dequantized fp32) {hf:.4f}")
     assert cpp == pytest.approx(hf, rel=0.02)

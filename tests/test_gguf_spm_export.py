@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from helpers import WIDE
+from helpers import WIDE, llama_cpp_run
 from test_gguf_vocab_spm import TEXT, fields, real_vocab, spm_folder, spm_models  # noqa: F401 (spm_models: a fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -16,7 +16,8 @@ from bitft.convert import convert_checkpoint
 from bitft.export.gguf import export_gguf
 from bitft.export.gguf_vocab_copy import SIDE_FILE, carry_source_tokenizer
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
+pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
+from bitft.llamacpp import open_gguf  # noqa: E402
 
 
 def tiny_spm_llama(folder, spm_model=None, tokenizer=None, vocab_size=1280):
@@ -52,11 +53,10 @@ def test_tiny_llama_with_sentencepiece_tokenizer_runs_in_llama_cpp(spm_models, t
     rows = dict(export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", float_type="f32"))
     assert rows["architecture"] == "llama, tokenizer llama (SentencePiece BPE)" and "ternary TQ2_0 tensors" in rows
     tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
-    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=256, logits_all=True, n_threads=2, verbose=False)
     ids = tok(TEXT).input_ids
-    assert llm.tokenize(TEXT.encode(), add_bos=True, special=True) == ids  # tokens and the BOS policy
-    llm.eval(ids)
-    theirs = np.array(llm.scores[: len(ids)])
+    run = llama_cpp_run(tmp_path / "m.gguf", ids, [(TEXT, True, True)], n_ctx=256)  # a fresh process
+    assert run["tokens"][0] == ids  # tokens and the BOS policy
+    theirs = run["logits"]
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
     agree = (ours.argmax(-1) == theirs.argmax(-1)).mean()
@@ -75,7 +75,7 @@ def test_model_converted_from_gguf_exports_its_tokenizer_verbatim(spm_models, tm
     rows = dict(export_gguf(tmp_path / "again", tmp_path / "second.gguf"))
     assert rows["architecture"] == "llama, tokenizer llama copied from the source GGUF"
     assert fields(tmp_path / "second.gguf") == fields(tmp_path / "first.gguf")
-    llm = llama_cpp.Llama(str(tmp_path / "second.gguf"), n_ctx=64, n_threads=2, verbose=False, vocab_only=True)
+    llm = open_gguf(tmp_path / "second.gguf", n_ctx=64, n_threads=2, verbose=False, vocab_only=True)
     tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     assert llm.tokenize(TEXT.encode(), add_bos=True, special=True) == tok(TEXT).input_ids
 
@@ -97,6 +97,6 @@ def test_smollm2_converted_from_its_gguf_exports_that_gguf_tokenizer(smollm2_ggu
     rows = dict(export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf"))
     assert rows["architecture"] == "llama, tokenizer gpt2 copied from the source GGUF"
     assert fields(tmp_path / "m.gguf") == fields(smollm2_gguf)
-    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=2, verbose=False, vocab_only=True)
+    llm = open_gguf(tmp_path / "m.gguf", n_ctx=64, n_threads=2, verbose=False, vocab_only=True)
     tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == tok(TEXT, add_special_tokens=False).input_ids

@@ -74,8 +74,10 @@ def vocab_gguf(folder: Path, out: Path, n_vocab: int | None = None):
 
 
 def llama_vocab(path: Path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
-    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
+    from bitft.llamacpp import open_gguf
+
+    return open_gguf(path, vocab_only=True, verbose=False)
 
 
 def agreement(a: list[int], b: list[int]) -> float:

@@ -3,8 +3,10 @@
 A converted linear W (master weight) is written as its λ=1 value q(W) = codes · s, in:
     TQ2_0  2 bits a weight + one fp16 scale per 256 (2.06 bits/weight)   rows must be a multiple of 256
     TQ1_0  5 ternary digits a byte + one fp16 scale per 256 (1.69 b/w)   rows must be a multiple of 256
-    Q8_0   fallback, one fp16 scale d = max|x|/127 per 32: ternary · s is ±127·d, exact up to fp16
-    F16    last resort (rows not a multiple of 32): ternary · s, exact up to fp16
+    F16    fallback for a tensor whose rows do not fit the type's blocks: ternary · s, exact up to fp16
+    Q8_0   only as --type q8_0 (a baseline): one fp16 scale d = max|x|/127 per 32, ±127·d exact up to fp16
+The fallback is F16, not Q8_0 (1.06 bits a weight less): on CPUs with AMX, llama.cpp repacks Q4/Q8
+weights into its AMX buffer, whose matmul crashes (ggml-org/llama.cpp#20824); F16 runs everywhere.
 ("rows" = in_features, the length llama.cpp quantizes along.) Never a lossy type: Q4_0 would lose
 up to 12.5% of each ternary value. Embeddings, lm_head and norms are written F16 (or F32, --float-type).
 The gguf package quantizes (its TQ1_0/TQ2_0 bytes match llama.cpp's) and writes the file.
@@ -119,7 +121,7 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
                 data = (codes.float() * s).numpy()
                 rows = data.shape[-1]
                 block = 256 if tqt in (Q.TQ2_0, Q.TQ1_0) else 32 if tqt == Q.Q8_0 else 1
-                qt = tqt if rows % block == 0 else Q.Q8_0 if rows % 32 == 0 else Q.F16
+                qt = tqt if rows % block == 0 else Q.F16  # not Q8_0: llama.cpp's AMX matmul crashes on it
             else:
                 t = t.float()
                 if arch.norm_offset and name.endswith("norm.weight"):

@@ -5,8 +5,9 @@
   accelerate >= 1.16 kills its worker: the run stops after the optimizer step it is in with a complete
   checkpoint of that step; a second signal to the worker during the save is ignored; the relaunch
   gives the uninterrupted run's losses.
-- SIGUSR1 (`--signal=USR1`), 2 DDP processes whose launchers ignore it (scripts/slurm_warmup.sbatch):
-  both ranks stop after the same step; the relaunch gives the uninterrupted losses.
+- SIGUSR1 (`--signal=USR1`), 2 DDP processes whose launchers ignore it (scripts/slurm_warmup.sbatch), or
+  SIGTERM to torchrun's agent alone: both ranks stop after the same step; the relaunch gives the
+  uninterrupted losses.
 - A signal before the first step: exit 75 and one line.
 - A 2-process checkpoint resumed on 1 process with accumulation 2 (and 1 -> 2): same data, same
   schedules, losses within WORLD_TOL; another number of tokens per step is refused in one line.
@@ -203,10 +204,16 @@ def test_sigterm_one_process_stops_at_the_step_and_resumes_exactly(reference, tm
 
 
 @pytest.mark.slow
-def test_sigusr1_two_processes_agree_on_the_step(reference, tmp_path, tiny_llama_folder):
+@pytest.mark.parametrize("sig, to", [("SIGUSR1", "every process"), ("SIGTERM", "the launcher alone")])
+def test_two_processes_agree_on_the_step(reference, tmp_path, tiny_llama_folder, sig, to):
+    """torchrun's agent (accelerate's multi-process launch): SLURM's USR1 to every process, the launchers
+    ignoring it (scripts/slurm_warmup.sbatch); or a user's SIGTERM to the launcher alone, which the agent
+    forwards to its workers (it SIGKILLs them 30 s later: the checkpoint must fit in that)."""
     config = tiny_config(tmp_path, tiny_llama_folder, per_device_train_batch_size=1)
     run = tmp_path / "run"
-    out, _ = preempt(config, signal.SIGUSR1, launcher="ddp2", ignored=(signal.SIGUSR1,))
+    sig = getattr(signal, sig)
+    out, _ = preempt(config, sig, launcher="ddp2", ignored=(sig,) if to == "every process" else (),
+                     launcher_only=to != "every process")
     assert_stopped(run, out)
     assert out.count("stopped after optimizer step 4") == 2  # both ranks, the same step
     launch(config, launcher="ddp2")
