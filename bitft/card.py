@@ -182,22 +182,56 @@ def _packed_bits(folder: Path, modules: list[str]) -> str:
 
 
 def _gguf_facts(path: Path, config: dict) -> tuple[list[tuple[str, str]], str]:
+    """(facts, linear types) of an exported GGUF."""
     import gguf
 
+    from bitft.export.gguf_i2s import i2s_rows, is_bitnet_cpp_file
     from bitft.gguf_header import read_header
 
-    meta, tensors = read_header(path)
+    meta, tensors = read_header(path, with_shapes=True)
     arch = meta["general.architecture"]
-    names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], config["num_hidden_layers"])
+    known = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch, gguf.MODEL_ARCH.BITNET)  # bitnet-b1.58: its names
+    names = gguf.get_tensor_name_map(known, config["num_hidden_layers"])
     ternary = {names.get_name(f"{m}.weight", try_suffixes=(".weight",)) for m in config["bitft"]["modules"]}
     lin = [t for t in tensors if t[0] in ternary]
     types = ", ".join(sorted({t[1] for t in lin}))
     bits = 8 * sum(t[3] for t in lin) / max(sum(t[2] for t in lin), 1)
-    return [("format", f"GGUF for llama.cpp's `{arch}` graph; ternary linear layers as {types}"),
-            ("bits per linear weight", f"{bits:.3f}")], types
+    runtime = "bitnet.cpp" if is_bitnet_cpp_file(meta, {t[1] for t in tensors}) else "llama.cpp"
+    return [("format", f"GGUF for {runtime}'s `{arch}` graph; ternary linear layers as {types}"),
+            ("bits per linear weight", f"{bits:.3f}")] + i2s_rows(meta, lin), types
+
+
+def _runs_in_bitnet_cpp(path: Path) -> bool:
+    from bitft.export.gguf_i2s import is_bitnet_cpp_file
+    from bitft.gguf_header import read_header
+
+    meta, tensors = read_header(path)
+    return is_bitnet_cpp_file(meta, {t[1] for t in tensors})
+
+
+def _bitnet_cpp_load(name: str) -> str:
+    return ("With bitnet.cpp (microsoft/BitNet; mainline llama.cpp and llama-cpp-python do not run this file), from "
+            "its folder after building it (`python setup_env.py ...` or cmake with its I2_S kernels):\n\n```sh\n"
+            f"build/bin/llama-cli -m {name} -p \"Hello\" -n 32\npython run_inference.py -m {name} -p \"Hello\"\n"
+            f"build/bin/llama-perplexity -m {name} -f text.txt\n```")
+
+
+def _has_repacked_types(path: Path) -> bool:
+    """Q4/Q8 tensors, which llama.cpp moves into its AMX or repacked buffers (bitft writes them only as --type q8_0)."""
+    from bitft.gguf_header import read_header
+
+    _, tensors = read_header(path)
+    return any(t[1].startswith(("Q4", "Q5", "Q6", "Q8", "IQ4")) for t in tensors)
 
 
 def _load(kind: str, name: str, target: Path) -> str:
+    if kind == "gguf" and _runs_in_bitnet_cpp(target):
+        return _bitnet_cpp_load(name)
+    if kind == "gguf" and _has_repacked_types(target):  # --type q8_0: llama.cpp's AMX matmul crashes on it
+        return (f"With llama.cpp (`--no-repack`: on CPUs with AMX, llama.cpp's AMX matmul of Q8_0 weights crashes, "
+                f"ggml-org/llama.cpp#20824):\n\n```sh\nllama-cli -m {name} --no-repack -p \"Hello\"\n```\n\n"
+                f"With llama-cpp-python, through bitft (the same setting):\n\n```python\nfrom bitft.llamacpp import open_gguf\n\n"
+                f"llm = open_gguf(\"{name}\")\nprint(llm(\"Hello\", max_tokens=32))\n```")
     if kind == "gguf":
         return (f"With llama.cpp:\n\n```sh\nllama-cli -m {name} -p \"Hello\"\n```\n\nWith llama-cpp-python:\n\n```python\n"
                 f"from llama_cpp import Llama\n\nllm = Llama(model_path=\"{name}\")\nprint(llm(\"Hello\", max_tokens=32))\n```")

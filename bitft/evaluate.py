@@ -259,6 +259,10 @@ def load_for_eval(source: str, backend: str = "auto", lam: float | None = None, 
     from bitft.sources import load_model, resolve_source
 
     path = resolve_source(source)
+    if path.is_file():
+        from bitft.export.gguf_i2s import refuse_bitnet_cpp_only
+
+        refuse_bitnet_cpp_only(path)  # I2_S, bitnet-b1.58
     if path.is_file() and lam is not None:
         raise BitftError(f"{source} is a GGUF file, a fixed model: --lambda applies to bitft checkpoints (folders)")
     if backend == "auto":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from bitft.errors import BitftError
@@ -17,18 +18,32 @@ def _human(n: float) -> str:
         n /= 1024
 
 
+LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
+
+
 def describe_gguf(path: Path) -> list[tuple[str, str]]:
-    """`bitft info` of a .gguf file: its metadata and tensor types, no tensor loaded."""
+    """`bitft info` of a .gguf file: its metadata and tensor types (bitnet.cpp's I2_S included), no tensor loaded."""
+    from bitft.export.gguf_i2s import i2s_rows, is_bitnet_cpp_file
+    from bitft.gguf_header import read_header
     from bitft.sources import check_gguf
 
-    meta, tensors = check_gguf(path)
+    meta = check_gguf(path)[0]  # one line if damaged
+    tensors = read_header(path, with_shapes=True)[1]
     types: dict[str, int] = {}
-    for _, kind, n, _ in tensors:
+    for _, kind, n, *_ in tensors:
         types[kind] = types.get(kind, 0) + n
-    return [("path", str(path)), ("format", f"GGUF ({meta.get('general.architecture', '?')} graph, llama.cpp)"),
+    lin = [t for t in tensors if LINEAR.fullmatch(t[0])]
+    bitnet_cpp = is_bitnet_cpp_file(meta, set(types))
+    rows = [("path", str(path)),
+            ("format", f"GGUF ({meta.get('general.architecture', '?')} graph, "
+                       + ("bitnet.cpp (microsoft/BitNet) only)" if bitnet_cpp else "llama.cpp)")),
             ("parameters", f"{sum(types.values()):,} in {len(tensors)} tensors"),
-            ("tensor types", ", ".join(f"{k} {v:,}" for k, v in sorted(types.items()))),
-            ("bytes on disk", f"{path.stat().st_size:,} ({_human(path.stat().st_size)})")]
+            ("tensor types", ", ".join(f"{k} {v:,}" for k, v in sorted(types.items())))]
+    if lin:
+        lin_types = sorted({t[1] for t in lin})
+        rows += [("linear layers", f"{len(lin)} tensors, " + ", ".join(lin_types)),
+                 ("bits per linear weight", f"{8 * sum(t[3] for t in lin) / sum(t[2] for t in lin):.3f}")]
+    return rows + i2s_rows(meta, lin) + [("bytes on disk", f"{path.stat().st_size:,} ({_human(path.stat().st_size)})")]
 
 
 def describe_checkpoint(path: str | os.PathLike) -> list[tuple[str, str]]:

@@ -5,6 +5,8 @@ A converted linear W (master weight) is written as its λ=1 value q(W) = codes �
     TQ1_0  5 ternary digits a byte + one fp16 scale per 256 (1.69 b/w)   rows must be a multiple of 256
     F16    fallback for a tensor whose rows do not fit the type's blocks: ternary · s, exact up to fp16
     Q8_0   only as --type q8_0 (a baseline): one fp16 scale d = max|x|/127 per 32, ±127·d exact up to fp16
+    I2_S   bitnet.cpp's type: 2 bits a weight + one fp32 scale per tensor; rows must be a multiple of 128,
+           others F16 (bitft/export/gguf_i2s.py); runs in bitnet.cpp (microsoft/BitNet) only
 The fallback is F16, not Q8_0 (1.06 bits a weight less): on CPUs with AMX, llama.cpp repacks Q4/Q8
 weights into its AMX buffer, whose matmul crashes (ggml-org/llama.cpp#20824); F16 runs everywhere.
 ("rows" = in_features, the length llama.cpp quantizes along.) Never a lossy type: Q4_0 would lose
@@ -32,6 +34,8 @@ from bitft.card import check_card_free, write_card
 from bitft.errors import BitftError
 from bitft.files import disk_full_error, is_disk_full, temp_path
 from bitft.export.gguf_arch import arch_of, check_config, write_hparams
+from bitft.export.gguf_i2s import BLOCK, FILE_TYPE_I2_S, I2_S, LAYOUT_KEY, check_runs_in_bitnet_cpp, fallback_line, \
+    quantize_i2s, run_command
 from bitft.export.gguf_vocab import gguf_vocab
 from bitft.export.packed import (
     _tensors_from_merged_lora,
@@ -41,7 +45,7 @@ from bitft.export.packed import (
 from bitft.quant import ternarize
 
 TERNARY_TYPES = ("tq2_0", "tq1_0")
-EXACT_TYPES = TERNARY_TYPES + ("q8_0", "f16")  # q8_0 / f16 for every linear: baselines for benchmarks
+EXACT_TYPES = TERNARY_TYPES + ("i2_s", "q8_0", "f16")  # q8_0 / f16 for every linear: baselines for benchmarks
 
 
 def _permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -79,24 +83,31 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
     model_arch = getattr(gguf.MODEL_ARCH, arch.gguf_arch)
     name_map = gguf.get_tensor_name_map(model_arch, n_layers)
     Q = gguf.GGMLQuantizationType
-    tqt = {"tq2_0": Q.TQ2_0, "tq1_0": Q.TQ1_0, "q8_0": Q.Q8_0, "f16": Q.F16}[qtype]
+    tqt = {"tq2_0": Q.TQ2_0, "tq1_0": Q.TQ1_0, "i2_s": I2_S, "q8_0": Q.Q8_0, "f16": Q.F16}[qtype]
     ftype = {"f16": Q.F16, "f32": Q.F32}[float_type]
     check_config(config, arch, head_dim)
     if arch.tied_output and not config.get("tie_word_embeddings") and not adapter:
         check_tied_output(source, arch)  # before any tensor is quantized (a merged adapter: checked below)
     vocab = gguf_vocab(source, config["vocab_size"], tokenizer_pre)  # refusals before any file
+    bitnet_cpp = qtype == "i2_s" or arch.name is not None  # a file only bitnet.cpp runs
+    if bitnet_cpp:
+        check_runs_in_bitnet_cpp(arch.graph(), vocab.pre if vocab.raw is None else None, qtype)
 
     tmp = temp_path(out)  # .NAME.tmp-PID@HOST; stale ones of NAME (their writer gone) removed first
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
+    writer = gguf.GGUFWriter(tmp, arch.graph())
     try:
         writer.add_name(config.get("_name_or_path") or ckpt.name)
         extra = write_hparams(writer, config, arch, head_dim)
         F = gguf.LlamaFileType
-        writer.add_file_type({"tq2_0": F.MOSTLY_TQ2_0, "tq1_0": F.MOSTLY_TQ1_0, "q8_0": F.MOSTLY_Q8_0, "f16": F.MOSTLY_F16}[qtype])
+        writer.add_file_type({"tq2_0": F.MOSTLY_TQ2_0, "tq1_0": F.MOSTLY_TQ1_0, "i2_s": FILE_TYPE_I2_S, "q8_0": F.MOSTLY_Q8_0,
+                              "f16": F.MOSTLY_F16}[qtype])
+        if qtype == "i2_s":
+            writer.add_uint32(LAYOUT_KEY, BLOCK["x86"])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab.write(writer, source)
 
         counts: dict[str, list[int]] = {}  # type name -> [tensors, elements, bytes]
+        fallbacks: dict = {}  # I2_S: (row length, type written instead) -> linear tensors
         for name, data in extra.items():
             writer.add_tensor(name, data, raw_dtype=Q.F32)
             c = counts.setdefault("F32", [0, 0, 0])
@@ -120,7 +131,7 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
                 codes, s = ternarize(t)
                 data = (codes.float() * s).numpy()
                 rows = data.shape[-1]
-                block = 256 if tqt in (Q.TQ2_0, Q.TQ1_0) else 32 if tqt == Q.Q8_0 else 1
+                block = 256 if tqt in (Q.TQ2_0, Q.TQ1_0) else BLOCK["x86"] if tqt == I2_S else 32 if tqt == Q.Q8_0 else 1
                 qt = tqt if rows % block == 0 else Q.F16  # not Q8_0: llama.cpp's AMX matmul crashes on it
             else:
                 t = t.float()
@@ -128,8 +139,14 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
                     t = t + arch.norm_offset
                 data = t.numpy()
                 qt = Q.F32 if data.ndim == 1 else ftype
-            q = gguf.quants.quantize(data, qt)
-            writer.add_tensor(gname, q, raw_dtype=qt)
+            if qt == I2_S:  # gguf-py has no I2_S: int8 bytes and the shape given, so that it leaves both alone
+                q = quantize_i2s(codes.numpy(), float(s))
+                writer.add_tensor(gname, q.view("int8"), raw_shape=data.shape, raw_dtype=qt)
+            else:
+                q = gguf.quants.quantize(data, qt)
+                writer.add_tensor(gname, q, raw_dtype=qt)
+            if name in ternary and tqt == I2_S and qt != I2_S:
+                fallbacks[rows, qt.name] = fallbacks.get((rows, qt.name), 0) + 1
             c = counts.setdefault(("ternary " if name in ternary else "") + qt.name, [0, 0, 0])
             c[0], c[1], c[2] = c[0] + 1, c[1] + data.size, c[2] + q.nbytes
         if lm_head is not None and not (embed is not None and torch.equal(embed, lm_head)):
@@ -147,7 +164,9 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
             raise disk_full_error(out, written) from None
         raise
     write_card(out, ckpt)
-    return gguf_size_table(counts, out) + [("architecture", f"{gguf.MODEL_ARCH_NAMES[model_arch]}, {vocab.describe()}")]
+    return (gguf_size_table(counts, out) + [("architecture", f"{arch.graph()}, {vocab.describe()}")]
+            + [("I2_S fallback", fallback_line(fallbacks, BLOCK["x86"]))] * bool(fallbacks)
+            + [("runs in", run_command(out.name))] * bitnet_cpp)
 
 
 def untied_error(arch) -> BitftError:

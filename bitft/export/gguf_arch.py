@@ -9,8 +9,11 @@ a block); an architecture here is one row of data:
     gemma3  Gemma-3 (text)   NeoX rotary; RMSNorm weights stored as w - 1 by HF (llama.cpp wants w: +1);
                              every 6th-ish layer global, others sliding-window with their own rope base
     bitnet  BitNet, SiLU     NeoX rotary; attn_sub_norm before o_proj, ffn_sub_norm before down_proj; the
-            (1bitLLM)        output is the token embedding (tied); relu² BitNet (2B4T) is refused: this
-                             graph is SiLU, and only bitnet.cpp (microsoft/BitNet) runs relu²
+            (1bitLLM)        output is the token embedding (tied)
+    bitnet-b1.58             BitNet b1.58 2B4T: the bitnet graph with a relu² gated FFN (relu(gate)² · up).
+            BitNet, relu²    Only bitnet.cpp (microsoft/BitNet) has it; gguf-py has no name for it, so the
+                             file is written under that name with the bitnet graph's keys and tensor names
+                             (the same in bitnet.cpp's llama.cpp: src/llama.cpp, LLM_ARCH_BITNET_B158)
 Rope scaling: `llama3` (Llama-3.1/3.2) is a per-frequency divisor, written as the `rope_freqs` tensor
 (1 at high frequencies, `factor` at low, a smooth blend between, as HF computes it); `linear` is
 a GGUF key. Other kinds (yarn, dynamic, longrope) are refused.
@@ -32,6 +35,13 @@ class Arch:
     norm_offset: float = 0.0  # added to every RMSNorm weight (Gemma: HF stores w - 1)
     tied_output: bool = False  # the graph has no output tensor: lm_head must equal the embeddings
     hf_aliases: tuple = ()  # (transformers' name part, the name part the gguf package maps)
+    name: str | None = None  # the GGUF architecture name, when it is not gguf-py's for gguf_arch
+
+    def graph(self) -> str:
+        """general.architecture of the file."""
+        import gguf
+
+        return self.name or gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, self.gguf_arch)]
 
 
 ARCHS = {
@@ -43,6 +53,7 @@ ARCHS = {
     "BitNetForCausalLM": Arch("BITNET", tied_output=True, hf_aliases=(("self_attn.attn_sub_norm", "self_attn.inner_attn_ln"),
                                                                        ("mlp.ffn_sub_norm", "mlp.ffn_layernorm"))),
 }
+BITNET_B158 = Arch("BITNET", tied_output=True, hf_aliases=ARCHS["BitNetForCausalLM"].hf_aliases, name="bitnet-b1.58")
 
 
 def arch_of(config: dict) -> Arch:
@@ -50,10 +61,12 @@ def arch_of(config: dict) -> Arch:
     if name not in ARCHS:
         raise BitftError(f"{name} has no llama.cpp graph in bitft's GGUF export (it writes {', '.join(ARCHS)}): "
                          "export it --packed instead")
-    if name == "BitNetForCausalLM" and config.get("hidden_act", "relu2") != "silu":
-        raise BitftError(f"this BitNet uses {config.get('hidden_act', 'relu2')} (BitNet b1.58 2B4T's FFN): llama.cpp's bitnet "
-                         "graph is SiLU and would compute another model (perplexity ~100 instead of ~17); bitnet.cpp "
-                         "(microsoft/BitNet) runs relu² BitNet models: export it --packed, or for bitnet.cpp")
+    act = config.get("hidden_act", "relu2")
+    if name == "BitNetForCausalLM" and act == "relu2":  # llama.cpp's bitnet graph is SiLU: another model (ppl ~100, not ~17)
+        return BITNET_B158
+    if name == "BitNetForCausalLM" and act != "silu":
+        raise BitftError(f"this BitNet uses {act}: llama.cpp's bitnet graph is SiLU and bitnet.cpp's bitnet-b1.58 relu²; "
+                         "neither computes it: export it --packed instead")
     return ARCHS[name]
 
 
@@ -96,7 +109,7 @@ def check_config(config: dict, arch: Arch, head_dim: int) -> None:
     if arch.gguf_arch != "GEMMA3" and sliding_window_active(config):
         raise BitftError(f"sliding-window attention ({config['sliding_window']} tokens) has no place in llama.cpp's "
                          f"{arch.gguf_arch.lower()} graph, which would attend over the whole context")
-    if arch.gguf_arch == "BITNET" and rope_params(config)[0].get("rope_type", "default") not in ("default", "linear"):
+    if arch.gguf_arch == "BITNET" and arch.name is None and rope_params(config)[0].get("rope_type", "default") not in ("default", "linear"):
         raise BitftError("llama.cpp's bitnet graph has no rope_freqs tensor: only default and linear rope scaling export")
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise BitftError("partial rotary embeddings are not supported by bitft's GGUF export")
