@@ -91,7 +91,7 @@ def export_gguf(checkpoint, output, *, qtype: str = "tq2_0", float_type: str = "
     vocab = gguf_vocab(source, config["vocab_size"], tokenizer_pre)  # refusals before any file
     bitnet_cpp = qtype == "i2_s" or arch.name is not None  # a file only bitnet.cpp runs
     if bitnet_cpp:
-        check_runs_in_bitnet_cpp(arch.graph(), vocab.pre if vocab.raw is None else None, qtype)
+        check_runs_in_bitnet_cpp(arch.graph(), vocab, qtype)
 
     tmp = temp_path(out)  # .NAME.tmp-PID@HOST; stale ones of NAME (their writer gone) removed first
     writer = gguf.GGUFWriter(tmp, arch.graph())

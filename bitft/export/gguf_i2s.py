@@ -91,8 +91,10 @@ def i2s_rows(meta: dict, linear: list[tuple]) -> list[tuple[str, str]]:
     return [("I2_S layout", layout(meta))] + [("I2_S fallback", fallback_line(other, BLOCK["x86"]))] * bool(other)
 
 
-def check_runs_in_bitnet_cpp(gguf_arch_name: str, pre: str | None, qtype: str) -> None:
-    """Refuse, before anything is written, a file bitnet.cpp cannot load (its graphs and pre-tokenizers)."""
+def check_runs_in_bitnet_cpp(gguf_arch_name: str, vocab, qtype: str) -> None:
+    """Refuse, before anything is written, a file bitnet.cpp cannot load (its graphs and pre-tokenizers).
+    VOCAB: the export's bitft.export.gguf_vocab.GGUFVocab (built, or copied from a source GGUF)."""
+    pre = vocab.pre if vocab.raw is None else vocab.raw.get("tokenizer.ggml.pre", {}).get("value")
     if gguf_arch_name not in BITNET_CPP_ARCHS:
         raise BitftError(f"bitnet.cpp (--type {qtype}) has no {gguf_arch_name} graph (it runs {', '.join(BITNET_CPP_ARCHS)}): "
                          "export --type tq2_0 for mainline llama.cpp instead")
