@@ -37,7 +37,7 @@ from bitft.config import (BlockwiseArguments, ClusterArguments, DistillArguments
                           PretrainDataArguments, parse_config)
 from bitft.data.pretrain import build_datasets
 from bitft.errors import ConfigError, run_main
-from bitft.train.blockwise import calibration_ids, check_blockwise, reconstruct
+from bitft.train.blockwise import calibration_ids, check_blockwise, phase_complete, reconstruct
 from bitft.train.callbacks import LambdaCallback, ThroughputCallback, install_progress
 from bitft.train.distill import build_teacher
 from bitft.train.model import load_model
@@ -59,7 +59,8 @@ def main(argv=None) -> dict:
         args.include_num_input_tokens_seen = "all"
     schedule = lambda_args.schedule()
     if block_args.active:
-        check_blockwise(schedule(0), model_args.use_peft, args.world_size, str(parse_rule(model_args.ternary_init)))
+        check_blockwise(schedule(0), model_args.use_peft, args.world_size, str(parse_rule(model_args.ternary_init)),
+                        phase_complete(args.output_dir))
     resume = start_run(args)
     preempt = PreemptionCallback(cluster_args.preempt_signals) if cluster_args.preempt_signals else None
 
@@ -92,7 +93,8 @@ def main(argv=None) -> dict:
         check_run(resume, run, cluster_args.allow_batch_change)
     blockwise = None
     if block_args.active and resume is None:  # a resumed end-to-end phase loads the block-trained weights
-        calibration = calibration_ids(train_set, block_args.block_calibration_blocks + block_args.block_heldout_blocks)
+        calibration = None if phase_complete(args.output_dir) else \
+            calibration_ids(train_set, block_args.block_calibration_blocks + block_args.block_heldout_blocks)
         blockwise = reconstruct(model, calibration, block_args, args, preempt)
 
     # 4. the Trainer, with the λ schedule, throughput and checkpoint-complete callbacks; evaluations at λ=1
@@ -116,7 +118,12 @@ def main(argv=None) -> dict:
                if distill_args.active else None}
 
     # 5. train (resuming where a killed run stopped), held-out figures before (fresh start) and after
-    results.update(train_and_evaluate(trainer, resume, evaluate=bool(eval_set)))
+    if blockwise is not None and args.max_steps == 0:  # the block phase alone (the Trainer reads 0 as "use epochs")
+        results.update(steps=0, train_minutes=0.0, lambda_final=1.0)
+        if eval_set:
+            results["after"] = trainer.evaluate()
+    else:
+        results.update(train_and_evaluate(trainer, resume, evaluate=bool(eval_set)))
     results["tokens"] = results["steps"] * tokens_per_step
     if blockwise is not None:  # the phase's minutes (calibration streams included) and each block's held-out error
         results["blockwise"] = {k: blockwise[k] for k in ("minutes_this_launch", "block_train_minutes")}

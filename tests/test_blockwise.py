@@ -196,3 +196,34 @@ def test_recipe_kill_9_in_the_block_phase_then_relaunch_gives_the_same_losses(tm
     assert [b["losses"] for b in got["blocks"]] == [b["losses"] for b in want["blocks"]]
     logs = [json.loads((p / "run" / "warmup_results.json").read_text()) for p in (tmp_path / "kill", tmp_path / "ref")]
     assert logs[0]["after"]["eval_loss"] == logs[1]["after"]["eval_loss"]  # the end-to-end phase after it too
+
+
+def test_recipe_block_phase_alone_then_a_launch_that_loads_it(tmp_path, caplog):
+    """max_steps 0: the block phase alone (the two-launch way for several processes); the next launch loads its
+    blocks without recomputing any activation, and a multi-process launch is no longer refused."""
+    from recipes import warmup_10B
+
+    folder = tiny_folder_with_tokenizer(tmp_path / "m")
+    config = recipe_config(tmp_path, folder, max_steps=0)
+    alone = warmup_10B.main(["--config", str(config)])
+    assert alone["steps"] == 0 and len(alone["blockwise"]["blocks"]) == 2 and "after" in alone
+    saved = torch.load(tmp_path / "run" / "blockwise" / "block_1.pt", weights_only=True)
+    check_blockwise(1.0, False, 8, "absmean", complete=True)  # 8 processes may now load it
+    with pytest.raises(ConfigError, match="--max_steps 0 first"):
+        check_blockwise(1.0, False, 8, "absmean", complete=False)
+    caplog.set_level("INFO", logger="bitft")
+    seen = {}
+    real = warmup_10B.BitftTrainer.setup_distillation
+
+    def setup(self, teacher, distill_args):
+        seen["student"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        return real(self, teacher, distill_args)
+
+    warmup_10B.BitftTrainer.setup_distillation = setup
+    try:
+        after = warmup_10B.main(["--config", str(config), "--max_steps", "2"])
+    finally:
+        warmup_10B.BitftTrainer.setup_distillation = real
+    assert "finished before, its 2 blocks loaded" in caplog.text
+    assert all(torch.equal(seen["student"][f"model.layers.1.{k}"], v) for k, v in saved.items())
+    assert after["steps"] == 2 and after["blockwise"]["blocks"] == alone["blockwise"]["blocks"]

@@ -50,8 +50,14 @@ class _Stop(Exception):
     """Raised by a hook to end a model forward once the first block's input is known."""
 
 
-def check_blockwise(first_lambda: float, use_peft: bool, world_size: int, ternary_init: str) -> None:
-    """One ConfigError line for a run the block phase cannot serve."""
+def phase_complete(output_dir) -> bool:
+    """Whether OUTPUT_DIR/blockwise holds every block of a finished phase (then any launch loads them, no stream)."""
+    path = Path(output_dir) / "blockwise" / "summary.json"
+    return path.is_file() and bool(json.loads(path.read_text()).get("complete"))
+
+
+def check_blockwise(first_lambda: float, use_peft: bool, world_size: int, ternary_init: str, complete: bool = False) -> None:
+    """One ConfigError line for a run the block phase cannot serve (a finished phase only loads its blocks)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     why = None
@@ -61,8 +67,9 @@ def check_blockwise(first_lambda: float, use_peft: bool, world_size: int, ternar
         why = "use_peft: it trains the master weights, not LoRA adapters"
     elif is_deepspeed_zero3_enabled():
         why = "DeepSpeed ZeRO-3 partitions the weights it trains block by block: use ZeRO-2 or DDP"
-    elif world_size > 1:
-        why = f"it runs in one process, this launch has {world_size}: run it with --num_processes 1 (then relaunch)"
+    elif world_size > 1 and not complete:
+        why = (f"it runs in one process, this launch has {world_size}: run the same command with --num_processes 1 "
+               "--max_steps 0 first (the phase is kept in output_dir/blockwise), then this one")
     elif ternary_init != "absmean":
         why = f"ternary_init {ternary_init} rewrites the master weights after it: keep ternary_init: absmean"
     if why:
@@ -162,7 +169,16 @@ def _save(path: Path, obj) -> None:
 def reconstruct(model, ids: torch.Tensor, cfg, args, preempt=None) -> dict:
     """Train the decoder blocks of MODEL (BitLinear at λ=1) one by one (module docstring); returns the summary.
     IDS: [n_train + n_heldout, T] calibration sequences; CFG: BlockwiseArguments; ARGS: TrainingArguments;
-    PREEMPT: the run's PreemptionCallback (its handler records a signal here; the phase stops after the step)."""
+    PREEMPT: the run's PreemptionCallback (its handler records a signal here; the phase stops after the step).
+    A finished phase (`phase_complete`) is loaded block by block instead, with no activation computed."""
+    if phase_complete(args.output_dir):
+        from bitft.train.feature_kd import decoder_layers
+
+        folder = Path(args.output_dir) / "blockwise"
+        for k, layer in enumerate(decoder_layers(model)):
+            layer.load_state_dict(torch.load(folder / f"block_{k}.pt", weights_only=True, map_location="cpu"))
+        logger.info("block-wise phase: finished before, its %d blocks loaded from %s", k + 1, folder)
+        return json.loads((folder / "summary.json").read_text())
     if preempt is not None:
         preempt.phase = "blockwise"
     try:
@@ -177,6 +193,9 @@ def _reconstruct(model, ids, cfg, args, preempt) -> dict:
     from bitft.surgery import bit_linears, set_lambda
 
     t0 = time.perf_counter()
+    device = getattr(args, "device", None)
+    if device is not None and next(model.parameters()).device != device:
+        model.to(device)  # on a GPU: where the Trainer would put it; the streams stay in host memory or files
     folder = Path(args.output_dir) / "blockwise"
     folder.mkdir(parents=True, exist_ok=True)
     n_val = cfg.block_heldout_blocks
@@ -216,6 +235,7 @@ def _reconstruct(model, ids, cfg, args, preempt) -> dict:
         streams.advance(k, streams.xq)
     summary["minutes_this_launch"] = round((time.perf_counter() - t0) / 60, 2)  # streams and training, all blocks
     summary["block_train_minutes"] = round(sum(r["minutes"] for r in summary["blocks"]), 2)
+    summary["complete"] = True
     write_text_atomic(summary_path, json.dumps(summary, indent=1))
     for name in ("x.bin", "xq.bin"):
         (folder / name).unlink(missing_ok=True)

@@ -258,14 +258,14 @@ def test_deepspeed_zero3_two_cpu_processes(reference, tmp_path, tiny_llama_folde
 def _types():
     from transformers import TrainingArguments
 
-    from bitft.config import DistillArguments, LambdaArguments, ModelArguments, PretrainDataArguments
+    from bitft.config import BlockwiseArguments, DistillArguments, LambdaArguments, ModelArguments, PretrainDataArguments
 
-    return (ModelArguments, PretrainDataArguments, LambdaArguments, DistillArguments, TrainingArguments)
+    return (ModelArguments, PretrainDataArguments, LambdaArguments, DistillArguments, BlockwiseArguments, TrainingArguments)
 
 
 def test_flags_override_yaml(tmp_path, tiny_llama_folder):
     config = tiny_config(tmp_path, tiny_llama_folder)
-    m, d, lam, _, args = parse_config(_types(), ["--config", str(config), "--max_steps", "7", "--lambda_schedule",
+    m, d, lam, _, _, args = parse_config(_types(), ["--config", str(config), "--max_steps", "7", "--lambda_schedule",
                                               "sigmoid", "--output_dir", "elsewhere", "--block_size=16"])
     assert (args.max_steps, lam.lambda_schedule, args.output_dir, d.block_size) == (7, "sigmoid", "elsewhere", 16)
     assert args.save_steps == SAVE_STEPS and m.model_name_or_path == str(tiny_llama_folder)
@@ -283,7 +283,7 @@ def test_unknown_keys_are_errors(tmp_path, tiny_llama_folder):
 @pytest.mark.parametrize("path", ["configs/warmup_10B.yaml", "configs/warmup_10B_distill.yaml", "configs/demo/warmup.yaml"])
 def test_shipped_configs_parse(path):
     flags = ["--bf16", "false", "--use_cpu", "true", "--optim", "adamw_torch"] if "demo" not in path else []
-    m, d, lam, kd, args = parse_config(_types(), ["--config", str(REPO / path), *flags])
+    m, d, lam, kd, block, args = parse_config(_types(), ["--config", str(REPO / path), *flags])
     tokens = d.block_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
     if "demo" in path:
         assert tokens == 256 and args.max_steps == 180 and m.model_name_or_path == "smollm2"  # the studies' winner
@@ -294,6 +294,9 @@ def test_shipped_configs_parse(path):
         assert lam.lambda_warmup_steps == (0 if "distill" in path else 1000) and "wandb" in args.report_to
         assert kd.distill_alpha == (0.5 if "distill" in path else 0.0)
         assert d.dataset == ["HuggingFaceFW/fineweb-edu"] and d.dataset_config == "sample-10BT"
+        # the block phase (distill config only, not run at 8B): EfficientQAT's 4,096 sequences × 2 epochs
+        assert block.block_steps == (2048 if "distill" in path else 0)
+        assert not block.active or block.block_steps * block.block_batch_size == 2 * block.block_calibration_blocks
 
 
 @pytest.mark.slow
