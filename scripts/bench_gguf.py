@@ -1,18 +1,27 @@
-"""llama.cpp decode speed of ternary GGUF types against Q8_0 and F16, on this CPU.
+"""Which GGUF to use on this CPU: prompt and decode speed of each ternary type, in mainline llama.cpp and bitnet.cpp.
 
-    python scripts/bench_gguf.py [--layers 8] [--threads 2] [--tokens 64] [--runs 5]
+    python scripts/bench_gguf.py [--bitnet-cpp DIR] [--layers 4] [--wide-layers 2] [--threads 2] [--runs 3]
 
-A random Llama whose widths are multiples of 256 (hidden 2048, FFN 5632, 16 heads) so that every
-linear is ternary-packed, converted at λ=1 and exported with `bitft export --gguf --type T` for T in
-TQ2_0, TQ1_0, Q8_0, F16. Decode = one token at a time after an 8-token prompt, through
-llama-cpp-python with a fixed thread count; the median of several runs. Prints a markdown table.
-A last pair of rows is a Llama-3.x-shaped model (Llama-3.2-1B's widths: hidden 2048, FFN 8192, 32 query
-and 8 key/value heads, 128256-entry vocabulary, `llama3` rope scaling), same layer count, F16 and TQ2_0.
+Random Llamas at λ=1, converted and exported by bitft (`bitft export --gguf --type T`), so every linear is
+ternary (rows multiples of 256): a 2048-wide shape (FFN 5632, 16 heads; --layers) and Llama-3-8B's widths
+(hidden 4096, FFN 14336, 32 query / 8 key-value heads; --wide-layers: a whole 8B model does not fit
+a small machine). Both use a 49,152-entry vocabulary (SmolLM2's tokenizer), its F16 head the same in every
+file. Types: F16 (the float baseline), TQ1_0, TQ2_0 and bitnet.cpp's I2_S. Each file, side by side in one run:
+- mainline llama.cpp (llama-cpp-python, the `gguf` extra): F16, TQ1_0, TQ2_0 (it has no I2_S);
+- bitnet.cpp (microsoft/BitNet; its binaries folder from --bitnet-cpp or $BITNET_CPP_DIR), `llama-bench`:
+  all four; skipped, saying so, without it.
+Prompt = 64 tokens in one batch; decode = 32 tokens one at a time after it; --threads threads; the median
+(llama-cpp-python) or mean (llama-bench) of --runs runs after a warm-up. Prints a markdown table and the CPU.
+Measure on an idle machine only: a job beside it reorders the rows.
 """
 
 import argparse
+import json
+import os
+import platform
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -24,76 +33,98 @@ import bitft
 from bitft.export.gguf import export_gguf
 from bitft.sources import embedded_smollm2, load_gguf
 
+PROMPT, DECODE = 64, 32
+SHAPES = {"2048-wide": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16),
+          "Llama-3-8B widths": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                    num_key_value_heads=8)}
+TYPES = ("f16", "tq1_0", "tq2_0", "i2_s")
 
-def decode_tps(path: Path, threads: int, tokens: int, runs: int) -> float:
+
+def mainline_tps(path: Path, threads: int, runs: int) -> tuple[float, float]:
+    """(prompt, decode) tokens/s through llama-cpp-python."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=threads, n_batch=64, verbose=False)
-    speeds = []
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads, n_batch=PROMPT, verbose=False)
+    prompt, decode = [], []
     for r in range(runs + 1):  # the first run warms caches and is dropped
         llm.reset()
-        llm.eval(list(range(100, 108)))
         t0 = time.perf_counter()
-        for i in range(tokens):
+        llm.eval(list(range(100, 100 + PROMPT)))
+        t1 = time.perf_counter()
+        for i in range(DECODE):
             llm.eval([200 + i])
         if r:
-            speeds.append(tokens / (time.perf_counter() - t0))
-    return statistics.median(speeds)
+            prompt.append(PROMPT / (t1 - t0))
+            decode.append(DECODE / (time.perf_counter() - t1))
+    return statistics.median(prompt), statistics.median(decode)
+
+
+def bitnet_cpp_tps(bench: Path, path: Path, threads: int, runs: int) -> tuple[float, float]:
+    """(prompt, decode) tokens/s through bitnet.cpp's llama-bench."""
+    out = subprocess.run([str(bench), "-m", str(path), "-p", str(PROMPT), "-n", str(DECODE), "-t", str(threads),
+                          "-r", str(runs), "-o", "json"], capture_output=True, text=True, check=True).stdout
+    tps = {("prompt" if r["n_prompt"] else "decode"): r["avg_ts"] for r in json.loads(out)}
+    return tps["prompt"], tps["decode"]
+
+
+def cpu() -> str:
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return platform.processor() or "?"
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--bitnet-cpp", default=os.environ.get("BITNET_CPP_DIR"),
+                   help="bitnet.cpp's binaries folder (build/bin), default $BITNET_CPP_DIR")
+    p.add_argument("--layers", type=int, default=4, help="layers of the 2048-wide shape")
+    p.add_argument("--wide-layers", type=int, default=2, help="layers of the Llama-3-8B-wide shape")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
+    bench = Path(args.bitnet_cpp).expanduser() / "llama-bench" if args.bitnet_cpp else None
+    if bench is not None and not bench.is_file():
+        p.error(f"{bench} not found: --bitnet-cpp takes bitnet.cpp's build/bin folder")
 
+    _, tokenizer = load_gguf(embedded_smollm2())  # any BPE tokenizer with 49152 entries will do
+    rows = []
     work = Path(tempfile.mkdtemp(prefix="bitft-bench-gguf-"))
     try:
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
-                          num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
-                          tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-        torch.manual_seed(0)
-        model = bitft.convert_model(AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16), lam=1.0)
-        model.save_pretrained(work / "ckpt")
-        _, tokenizer = load_gguf(embedded_smollm2())  # any BPE tokenizer with 49152 entries will do
-        tokenizer.save_pretrained(work / "ckpt")
-        del model
-        rows = []
-        for t in ("f16", "q8_0", "tq2_0", "tq1_0"):
-            out = work / f"{t}.gguf"
-            table = dict(export_gguf(work / "ckpt", out, qtype=t))
-            tps = decode_tps(out, args.threads, args.tokens, args.runs)
-            rows.append((t.upper(), out.stat().st_size, table["bits per linear weight"], tps))
-            out.unlink()
-        shutil.rmtree(work / "ckpt")
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
-                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                          tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                          rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
-                                               high_freq_factor=4.0, original_max_position_embeddings=8192))
-        torch.manual_seed(0)
-        model = bitft.convert_model(AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16), lam=1.0)
-        model.save_pretrained(work / "ckpt")
-        tokenizer.save_pretrained(work / "ckpt")  # the ids past 49152 become unused entries
-        del model
-        for t in ("f16", "tq2_0"):
-            out = work / f"{t}.gguf"
-            table = dict(export_gguf(work / "ckpt", out, qtype=t))
-            tps = decode_tps(out, args.threads, args.tokens, args.runs)
-            rows.append((f"{t.upper()}, Llama-3.2-1B shape", out.stat().st_size, table["bits per linear weight"], tps))
-            out.unlink()
+        for shape, widths in SHAPES.items():
+            layers = args.layers if shape == "2048-wide" else args.wide_layers
+            cfg = LlamaConfig(vocab_size=49152, num_hidden_layers=layers, max_position_embeddings=2048,
+                              tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **widths)
+            torch.manual_seed(0)
+            model = bitft.convert_model(AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16), lam=1.0)
+            model.save_pretrained(work / "ckpt")
+            tokenizer.save_pretrained(work / "ckpt")
+            del model
+            for t in TYPES:
+                out = work / f"{t}.gguf"
+                table = dict(export_gguf(work / "ckpt", out, qtype=t))
+                mainline = mainline_tps(out, args.threads, args.runs) if t != "i2_s" else None
+                theirs = bitnet_cpp_tps(bench, out, args.threads, args.runs) if bench else None
+                rows.append((f"{shape}, {layers} layers", t.upper(), out.stat().st_size, table["bits per linear weight"],
+                             mainline, theirs))
+                out.unlink()
+                out.with_suffix(".md").unlink(missing_ok=True)
+            shutil.rmtree(work / "ckpt")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base = rows[0][3]
-    base31 = rows[4][3]
-    print(f"\nllama.cpp decode, random Llama {args.layers} layers x hidden 2048 (FFN 5632), "
-          f"{args.threads} threads, median of {args.runs} runs of {args.tokens} tokens\n")
-    print("| linear type | file MiB | bits per linear weight | decode tokens/s | vs F16 |")
-    print("|---|---|---|---|---|")
-    for name, size, bits, tps in rows:
-        print(f"| {name} | {size / 2**20:.0f} | {bits} | {tps:.1f} | {tps / (base31 if 'shape' in name else base):.2f}x |")
+
+    def fmt(x):
+        return f"{x[0]:.0f} / {x[1]:.1f}" if x else "-"
+
+    print(f"\nCPU: {cpu()}; {args.threads} threads; prompt {PROMPT} tokens / decode {DECODE} tokens, tokens/s"
+          + ("" if bench else "; bitnet.cpp not given (--bitnet-cpp): its column is empty") + "\n")
+    print("| model | type | file MiB | bits per linear weight | llama.cpp prompt / decode | bitnet.cpp prompt / decode |")
+    print("|---|---|---|---|---|---|")
+    for shape, t, size, bits, mainline, theirs in rows:
+        print(f"| {shape} | {t} | {size / 2**20:.0f} | {bits} | {fmt(mainline)} | {fmt(theirs)} |")
 
 
 if __name__ == "__main__":
