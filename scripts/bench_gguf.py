@@ -41,10 +41,10 @@ TYPES = ("f16", "tq1_0", "tq2_0", "i2_s")
 
 
 def mainline_tps(path: Path, threads: int, runs: int) -> tuple[float, float]:
-    """(prompt, decode) tokens/s through llama-cpp-python."""
-    import llama_cpp
+    """(prompt, decode) tokens/s through llama-cpp-python, opened as bitft opens a GGUF (bitft.llamacpp)."""
+    from bitft.llamacpp import open_gguf
 
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads, n_batch=PROMPT, verbose=False)
+    llm = open_gguf(path, n_ctx=256, n_threads=threads, n_threads_batch=threads, n_batch=PROMPT, verbose=False)
     prompt, decode = [], []
     for r in range(runs + 1):  # the first run warms caches and is dropped
         llm.reset()
