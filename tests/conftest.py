@@ -23,11 +23,15 @@ from transformers import AutoModelForCausalLM
 from helpers import CACHE, TINY, TINY_CONFIGS, tiny_model
 
 
-def pytest_report_header(config):
-    """The machine and the package versions: a failure elsewhere says where it happened."""
+def pytest_sessionstart(session):
+    """The machine and the package versions, first in every run's output (also under -q, where pytest's
+    own header is hidden): a failure elsewhere says where it happened."""
     from helpers import machine_line
 
-    return machine_line()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # the controller (xdist workers have none)
+        for line in machine_line():
+            reporter.write_line(line)
 
 
 @pytest.fixture(params=list(TINY_CONFIGS))
