@@ -124,6 +124,7 @@ def recipe_config(tmp_path, folder, **over) -> Path:
                per_device_train_batch_size=2, learning_rate=1e-3, save_steps=100, logging_steps=1, seed=0, use_cpu=True,
                report_to="none", disable_tqdm=True, distill_alpha=1.0, **CFG)
     cfg.update(over)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -286,7 +286,8 @@ def test_shipped_configs_parse(path):
     m, d, lam, kd, block, args = parse_config(_types(), ["--config", str(REPO / path), *flags])
     tokens = d.block_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
     if "demo" in path:
-        assert tokens == 256 and args.max_steps == 180 and m.model_name_or_path == "smollm2"  # the studies' winner
+        assert tokens == 256 and args.max_steps == 110 and m.model_name_or_path == "smollm2"  # the studies' winner
+        assert block.block_steps == 40 and block.block_calibration_blocks == 64  # docs/studies/blockwise.md
         assert lam.lambda_warmup_steps == 0 and kd.distill_alpha == 1.0 and args.learning_rate == 1e-3
         assert args.adam_beta2 == 0.95
     else:
