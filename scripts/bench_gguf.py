@@ -18,7 +18,6 @@ Measure on an idle machine only: a job beside it reorders the rows.
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import bitft
 from bitft.export.gguf import export_gguf
+from bitft.machine import cpu_line
 from bitft.sources import embedded_smollm2, load_gguf
 
 PROMPT, DECODE = 64, 32
@@ -65,16 +65,6 @@ def bitnet_cpp_tps(bench: Path, path: Path, threads: int, runs: int) -> tuple[fl
                           "-r", str(runs), "-o", "json"], capture_output=True, text=True, check=True).stdout
     tps = {("prompt" if r["n_prompt"] else "decode"): r["avg_ts"] for r in json.loads(out)}
     return tps["prompt"], tps["decode"]
-
-
-def cpu() -> str:
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor() or "?"
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags]
-    return f"{name} ({', '.join(isa) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def main():
@@ -119,7 +109,7 @@ def main():
     def fmt(x):
         return f"{x[0]:.0f} / {x[1]:.1f}" if x else "-"
 
-    print(f"\nCPU: {cpu()}; {args.threads} threads; prompt {PROMPT} tokens / decode {DECODE} tokens, tokens/s"
+    print(f"\nCPU: {cpu_line()}; {args.threads} threads; prompt {PROMPT} tokens / decode {DECODE} tokens, tokens/s"
           + ("" if bench else "; bitnet.cpp not given (--bitnet-cpp): its column is empty") + "\n")
     print("| model | type | file MiB | bits per linear weight | llama.cpp prompt / decode | bitnet.cpp prompt / decode |")
     print("|---|---|---|---|---|---|")

@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from bitft.machine import cpu_line
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 VARIANTS = ("abrupt", "linear", "sigmoid")
@@ -197,23 +199,12 @@ def report(name: str, evals: dict, a, extra: list[str], out: Path, mid_step: int
     if len({c["tokens"] for c in runs.values()}) != 1:
         sys.exit(f"the variants saw different numbers of tokens: { {v: c['tokens'] for v, c in runs.items()} }")
     plot(runs, out / f"{name}.png")
-    md = table(runs, evals, a, machine(), mid_step, mid_note)
+    md = table(runs, evals, a, cpu_line(), mid_step, mid_note)
     write(out / f"{name}.md", md)
     write(out / f"{name}.json", json.dumps({"settings": vars(a) | {"extra": extra}, "curves": runs, "evals": evals},
                                            indent=1))
     print("\n" + md)
     print(f"wrote {out / name}.{{png,md,json}} ({(time.perf_counter() - t0) / 60:.1f} min this call)")
-
-
-def machine() -> str:
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def base_parser(doc: str, variants, out: str) -> argparse.ArgumentParser:

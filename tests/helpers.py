@@ -206,38 +206,11 @@ def hf1bitllm_folder(folder: Path, seed: int = 0, zero_share: float = 0.4) -> Pa
     return folder
 
 
-CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx512f", "avx2")
-
-
-def cpu_flags() -> set:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split()) & set(CPU_FLAGS)
-
-
 def machine_line() -> list:
     """Two lines for the test report's header: the CPU with its matmul flags, and the versions."""
-    import importlib.metadata as md
-    import platform
+    from bitft.machine import cpu_line, versions_line
 
-    try:
-        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("model name")), platform.processor())
-    except OSError:
-        model = platform.processor()
-    flags = cpu_flags()
-    kind = "AMX" if "amx_int8" in flags else "AVX512-VNNI" if "avx512_vnni" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
-    versions = []
-    for p in ("torch", "transformers", "accelerate", "trl", "peft", "deepspeed", "llama-cpp-python", "gguf"):
-        try:
-            versions.append(f"{p} {md.version(p)}")
-        except md.PackageNotFoundError:
-            versions.append(f"{p} not installed")
-    return [f"cpu: {model}, {os.cpu_count()} cores, {kind} ({' '.join(sorted(flags)) or 'none of ' + ' '.join(CPU_FLAGS)})",
-            "versions: " + ", ".join(versions)]
+    return [f"cpu: {cpu_line()}", f"versions: {versions_line()}"]
 
 
 _LLAMA_CHILD = r"""

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from helpers import REPO, cpu_flags
+from bitft.machine import cpu_flags
+from helpers import REPO
 
 pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
 
