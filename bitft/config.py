@@ -175,6 +175,11 @@ class BlockwiseArguments:
     block_activations: str = field(default="auto", metadata={
         "help": "block-wise phase: where the two activation streams live: memory, disk (memory-mapped files in "
                 "output_dir/blockwise) or auto (disk when they need over half the available memory)"})
+    block_equalize: bool = field(default=False, metadata={
+        "help": "block-wise phase: also learn per-channel scales (OmniQuant's LET) folded at each block's end into the "
+                "norms and q/k/v, gate/up, v→o and up→down weights (bitft.train.equalize); the model stays a plain one"})
+    block_equalize_learning_rate: float = field(default=1e-2, metadata={
+        "help": "block-wise phase with block_equalize: peak AdamW learning rate of the scales' logs"})
 
     def __post_init__(self):
         for name in ("block_steps", "block_warmup_steps", "block_save_steps"):
@@ -188,8 +193,9 @@ class BlockwiseArguments:
             if getattr(self, name) % self.block_batch_size:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of block_batch_size "
                                   f"({self.block_batch_size})")
-        if not self.block_learning_rate > 0:
-            raise ConfigError(f"block_learning_rate must be > 0, got {self.block_learning_rate}")
+        for name in ("block_learning_rate", "block_equalize_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.block_activations not in ("auto", "memory", "disk"):
             raise ConfigError(f"block_activations must be auto, memory or disk, got {self.block_activations!r}")
 

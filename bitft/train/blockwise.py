@@ -9,7 +9,8 @@ For decoder block k = 0 … L−1 in order, on calibration sequences of the reci
 
 so each block learns to cancel what comes from upstream. B̂_k is the block as deployed (BitLinear at
 λ = 1: ternary weights, int8 activations, straight-through gradients); trained: all its parameters
-(master weights, norms); AdamW without weight decay (the run's betas and eps), linear warmup then cosine
+(master weights, norms; with `block_equalize`, per-channel scales folded into them at the block's end,
+bitft.train.equalize); AdamW without weight decay (the run's betas and eps), linear warmup then cosine
 to 0 over `block_steps`; the error on held-out calibration sequences (more training blocks, never the
 recipe's eval blocks) every `block_eval_steps` steps, and a stop after `block_patience` evaluations
 without a new best; the best weights are kept. The plain MSE is dominated by position 0's massive
@@ -39,9 +40,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 
+from bitft.bitlinear import clear_weight_cache
 from bitft.errors import ConfigError, Preempted
 from bitft.files import write_text_atomic
+from bitft.train import equalize
 
 logger = logging.getLogger("bitft")
 
@@ -133,7 +137,8 @@ class Streams:
         return torch.from_file(str(path), shared=True, size=size, dtype=dtype).view(shape)
 
     def block(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers[k](x, **self.kwargs[k])
+        with parametrize.cached():  # block_equalize: each parametrized weight computed once per forward
+            out = self.layers[k](x, **self.kwargs[k])
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -204,6 +209,8 @@ def _reconstruct(model, ids, cfg, args, preempt) -> dict:
     disk = cfg.block_activations == "disk" or (cfg.block_activations == "auto" and stream_bytes > available_memory() / 2)
     summary_path = folder / "summary.json"
     was_training = model.training
+    if cfg.block_equalize:  # before any stream: a model it cannot fold is refused in one line
+        equalize.check(model)
     model.eval()  # no dropout; gradients flow all the same
     set_lambda(model, 1.0)
     streams = Streams(model, ids, cfg.block_batch_size, folder, disk)
@@ -226,7 +233,11 @@ def _reconstruct(model, ids, cfg, args, preempt) -> dict:
             if state is not None and state["block"] != k:
                 raise ConfigError(f"{folder}/state.pt is for block {state['block']} but block {k} is next: "
                                   "the folder is from another run; remove it to start the block phase again")
+            if cfg.block_equalize:  # before the state's load: its keys include the scales
+                equalize.attach(layer, model.config)
             record = _train_block(streams, k, n_train, n_val, cfg, args, state, folder, preempt)
+            if cfg.block_equalize:
+                record["equalize"] = equalize.fold(layer)  # s's range per vector; a plain block again
             state = None
             _save(done, {n: v.detach().clone() for n, v in layer.state_dict().items()})
             summary["blocks"].append(record)
@@ -259,11 +270,9 @@ def _train_block(streams, k, n_train, n_val, cfg, args, state, folder, preempt) 
     from transformers import get_cosine_schedule_with_warmup
 
     layer, b = streams.layers[k], streams.batch
-    params = [p for p in layer.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.block_learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                            eps=args.adam_epsilon, weight_decay=0.0)
+    params = [p.requires_grad_(True) for p in layer.parameters()]
+    opt = torch.optim.AdamW(equalize.param_groups(layer, cfg.block_equalize_learning_rate), lr=cfg.block_learning_rate,
+                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, cfg.block_warmup_steps, cfg.block_steps)
     dev = streams.kwargs_device()
     t_start = time.perf_counter()
@@ -272,7 +281,11 @@ def _train_block(streams, k, n_train, n_val, cfg, args, state, folder, preempt) 
         state = {"block": k, "step": 0, "losses": [], "held_out": [first], "best": first, "bad": 0, "minutes": 0.0,
                  "best_weights": {n: v.detach().clone() for n, v in layer.state_dict().items()}}
     else:
+        if set(state["weights"]) != set(layer.state_dict()):
+            raise ConfigError(f"{folder}/state.pt holds other tensors than block {k} has now (block_equalize changed?): "
+                              "relaunch with the config it was written with, or remove the folder to start again")
         layer.load_state_dict(state["weights"])
+        clear_weight_cache()  # parametrized weights (block_equalize) are new tensors: no version counter tells
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
 
@@ -315,6 +328,7 @@ def _train_block(streams, k, n_train, n_val, cfg, args, state, folder, preempt) 
         if cfg.block_save_steps and state["step"] % cfg.block_save_steps == 0:
             save()
     layer.load_state_dict(state["best_weights"])
+    clear_weight_cache()
     minutes = base + (time.perf_counter() - t_start) / 60
     logger.info("block %d: %d steps%s, held-out error %.4f -> %.4f (%.2f min)", k, state["step"],
                 " (early stop)" if state["step"] < cfg.block_steps else "", state["held_out"][0], state["best"], minutes)
