@@ -32,14 +32,22 @@ bitnet-cpp:
 	@if [ -f $(BITNET_SRC)/build.sh ]; then echo "bitnet.cpp: $$(bash $(BITNET_SRC)/build.sh)"; \
 	else echo "no $(BITNET_SRC): the bitnet.cpp tests will skip"; fi
 
-setup: $(SETUP) $(VOCABS) bitnet-cpp
+# DeepSpeed compiles its CPU collectives (shm_comm) on first use, ~2 min on 2 cores: once here, where the
+# ZeRO tests point TORCH_EXTENSIONS_DIR (a rebuild only when DeepSpeed or torch changes)
+DS_OPS := .cache/torch_extensions/deepspeed_shm_comm/deepspeed_shm_comm.so
+$(DS_OPS): $(SETUP)
+	TORCH_EXTENSIONS_DIR=.cache/torch_extensions $(PY) -c "from deepspeed.ops.op_builder.cpu import \
+		ShareMemCommBuilder as B; B().load(verbose=False)" > .cache/deepspeed-ops.log 2>&1 || \
+		echo "DeepSpeed's shm_comm not built (.cache/deepspeed-ops.log): the ZeRO tests will build it"
+
+setup: $(SETUP) $(VOCABS) $(DS_OPS) bitnet-cpp
 
 demo: $(SETUP)
 	bash scripts/demo.sh
 
 # two pytest workers (pytest-xdist) on the 2 cores, one thread each: the recipe launches are 1-thread processes;
 # a native crash in one worker fails its test and the run goes on to its summary
-test: $(SETUP) $(VOCABS) bitnet-cpp
+test: $(SETUP) $(VOCABS) $(DS_OPS) bitnet-cpp
 	$(PY) -m pytest -q -n 2 --dist load
 
 .PHONY: setup demo test bitnet-cpp

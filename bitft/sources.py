@@ -16,8 +16,10 @@ tokenizer and a one-line description; eval, the recipes and export all go throug
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,14 +94,42 @@ def check_gguf(path: Path) -> tuple[dict, list]:
         raise BitftError(f"{path} is not a valid GGUF file, truncated or corrupt ({e}); download it again") from None
 
 
+@contextlib.contextmanager
+def one_gguf_parse():
+    """Within this block each GGUF file is parsed once. transformers parses it three times (config, weights,
+    tokenizer: `load_gguf_checkpoint` each time), and gguf-py's reader takes ~10 s a parse for SmolLM2's
+    49,152-entry vocabulary on 2 cores. The reader is read-only (a memory map), so one serves all three."""
+    import gguf
+
+    original = gguf.GGUFReader
+    parsed = {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in parsed:
+            parsed[key] = original(path, mode)
+        return parsed[key]
+
+    with _PARSE_LOCK:
+        gguf.GGUFReader = reader
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original
+
+
+_PARSE_LOCK = threading.Lock()
+
+
 def load_gguf(path: Path, dtype=torch.float32):
     """(model, tokenizer) from a GGUF file, dequantized, with a config that save_pretrained accepts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_gguf(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with one_gguf_parse():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, OSError) as e:
         raise BitftError(f"transformers cannot load {path} as a causal LM: {str(e).splitlines()[0]}") from None
     model.hf_quantizer = None
@@ -117,7 +147,8 @@ def load_tokenizer(source: str):
     path = resolve_source(source)
     try:
         if path.is_file():
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            with one_gguf_parse():
+                return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return AutoTokenizer.from_pretrained(path)
     except Exception:
         return None

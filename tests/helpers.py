@@ -6,7 +6,11 @@ from `conftest`, whose name is ambiguous.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -204,6 +208,32 @@ def hf1bitllm_folder(folder: Path, seed: int = 0, zero_share: float = 0.4) -> Pa
     cfg.pop("dtype", None)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder
+
+
+def shared_once(tmp_path_factory, name: str, build) -> tuple[Path, dict]:
+    """(FOLDER, what BUILD(FOLDER) returned): built once per test run, by whichever pytest-xdist worker asks
+    first, under a lock; the other workers wait and reuse it. For what several tests read and none changes
+    (a reference training run: tests copy it before they resume or damage it). BUILD returns JSON."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.json"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_text(json.dumps(build(folder)))
+    return folder, json.loads(done.read_text())
+
+
+def completed(data: dict) -> subprocess.CompletedProcess:
+    """A finished process's record (shared_once keeps its output as JSON)."""
+    return subprocess.CompletedProcess(data["args"], data["returncode"], data["stdout"], data["stderr"])
+
+
+def as_json(r: subprocess.CompletedProcess) -> dict:
+    return {"args": [str(a) for a in r.args], "returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
 
 
 def machine_line() -> list:

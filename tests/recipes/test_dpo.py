@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from recipes import dpo
+from helpers import as_json, completed, shared_once
 from test_sft import ACCELERATE, REPO, SHARED, env, tiny_bitft, train_logs  # noqa: F401 (fixture)
 
 DPO_DATA = SHARED / "data" / "dpo"
@@ -41,15 +42,18 @@ def dpo_config(tmp_path, tiny_bitft, **over) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, tiny_bitft):
-    tmp = tmp_path_factory.mktemp("dpo-ref")
-    config = dpo_config(tmp, tiny_bitft)
-    r = subprocess.run([ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_cpu_threads_per_process", "1",
-                        str(REPO / "recipes" / "dpo.py"), "--config", str(config)],
-                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return config, tmp / "run", r
+    """The real entry point, launched once per test run: (config, run dir, completed process)."""
+    def build(tmp):
+        r = subprocess.run([ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_cpu_threads_per_process", "1",
+                            str(REPO / "recipes" / "dpo.py"), "--config", str(dpo_config(tmp, tiny_bitft))],
+                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return as_json(r)
+
+    tmp, r = shared_once(tmp_path_factory, "dpo-reference", build)
+    return tmp / "dpo.yaml", tmp / "run", completed(r)
 
 
 @pytest.mark.slow

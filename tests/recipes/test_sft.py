@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import as_json, completed, shared_once
 from recipes import sft
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,16 +78,18 @@ def train_logs(run) -> dict[int, dict]:
     return {h["step"]: h for h in json.loads((Path(run) / "trainer_state.json").read_text())["log_history"] if "loss" in h}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, tiny_bitft):
-    """The real entry point, launched: (config, run dir, completed process)."""
-    tmp = tmp_path_factory.mktemp("sft-ref")
-    config = sft_config(tmp, tiny_bitft)
-    r = subprocess.run([ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_cpu_threads_per_process", "1",
-                        str(REPO / "recipes" / "sft.py"), "--config", str(config)],
-                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return config, tmp / "run", r
+    """The real entry point, launched once per test run: (config, run dir, completed process)."""
+    def build(tmp):
+        r = subprocess.run([ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_cpu_threads_per_process", "1",
+                            str(REPO / "recipes" / "sft.py"), "--config", str(sft_config(tmp, tiny_bitft))],
+                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return as_json(r)
+
+    tmp, r = shared_once(tmp_path_factory, "sft-reference", build)
+    return tmp / "sft.yaml", tmp / "run", completed(r)
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ import yaml
 from bitft.config import parse_config
 from bitft.errors import ConfigError
 from bitft.train.resume import COMPLETE_MARKER, is_complete, newest_checkpoint
+from helpers import as_json, completed, shared_once
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "warmup_10B.py"
@@ -100,13 +101,12 @@ def assert_same_losses(run_dir, reference, rel=1e-5):
         assert got[step]["tokens_seen"] == ref[step]["tokens_seen"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, tiny_llama_folder):
-    """One uninterrupted run: (config, output_dir, completed process)."""
-    tmp = tmp_path_factory.mktemp("warmup-ref")
-    config = tiny_config(tmp, tiny_llama_folder)
-    r = launch(config)
-    return config, tmp / "run", r
+    """One uninterrupted run per test run (test_cluster's tests read it too): (config, output_dir, completed
+    process). Tests copy it before they change anything."""
+    folder, r = shared_once(tmp_path_factory, "warmup-reference", lambda d: as_json(launch(tiny_config(d, tiny_llama_folder))))
+    return folder / "tiny.yaml", folder / "run", completed(r)
 
 
 @pytest.mark.slow
