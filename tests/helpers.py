@@ -243,11 +243,16 @@ def machine_line() -> list:
     return [f"cpu: {cpu_line()}", f"versions: {versions_line()}"]
 
 
+# bitft/llamacpp.py loaded by its path: `import bitft` would import torch and transformers first, ~5 s of CPU
+# per child (9.9 s against 0.45 s measured on the 2-core EPYC while another job ran) for nothing it uses
 _LLAMA_CHILD = r"""
-import json, sys
+import importlib.util, json, sys
 import numpy as np
-from bitft.llamacpp import open_gguf
 spec = json.loads(sys.argv[1])
+mod = importlib.util.spec_from_file_location("bitft_llamacpp", spec["module"])
+llamacpp = importlib.util.module_from_spec(mod)
+mod.loader.exec_module(llamacpp)
+open_gguf = llamacpp.open_gguf
 llm = open_gguf(spec["path"], n_ctx=spec["n_ctx"], logits_all=True, n_threads=2, verbose=False)
 out = {"tokens": [llm.tokenize(t.encode(), add_bos=b, special=s) for t, b, s in spec["tokenize"]],
        "metadata": dict(llm.metadata), "use_extra_bufts": bool(llm.model_params.use_extra_bufts)}
@@ -273,7 +278,7 @@ def llama_cpp_run(path, ids=(), tokenize=(), n_ctx: int = 128) -> dict:
     pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
     with tempfile.TemporaryDirectory() as tmp:
         spec = dict(path=str(path), ids=[int(i) for i in ids], tokenize=[list(t) for t in tokenize], n_ctx=n_ctx,
-                    logits=f"{tmp}/logits.npy")
+                    logits=f"{tmp}/logits.npy", module=str(REPO / "bitft" / "llamacpp.py"))
         r = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, json.dumps(spec)], capture_output=True, text=True,
                            cwd=REPO, env=dict(os.environ, PYTHONFAULTHANDLER="1"), timeout=600)
         if r.returncode != 0:

@@ -207,3 +207,29 @@ def test_a_damaged_header_is_refused_in_one_line(tmp_path, capsys, how, message)
     _damage(tmp_path / "m.gguf", how)
     err = cli_refuses(capsys, tmp_path, ["info", tmp_path / "m.gguf"])
     assert message in err and "not a valid GGUF file" in err
+
+
+def test_kv_bytes_compares_keys_types_and_values_exactly(tmp_path):
+    """bitft.gguf_header.kv_bytes: what the vocabulary tests compare instead of decoding 262k-entry arrays."""
+    import gguf
+
+    from bitft.gguf_header import kv_bytes
+
+    def write(name, tokens, kind=gguf.TokenType.NORMAL, eos=2):
+        w = gguf.GGUFWriter(tmp_path / name, "llama")
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([kind] * len(tokens))
+        w.add_eos_token_id(eos)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return kv_bytes(tmp_path / name, "tokenizer.ggml.")
+
+    base = write("a.gguf", ["a", "b", "c"])
+    assert set(base) == {"tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                         "tokenizer.ggml.eos_token_id"}
+    assert write("same.gguf", ["a", "b", "c"]) == base
+    for name, other in {"token": write("t.gguf", ["a", "b", "d"]), "type": write("k.gguf", ["a", "b", "c"], kind=3),
+                        "scalar": write("e.gguf", ["a", "b", "c"], eos=1)}.items():
+        assert other.keys() == base.keys() and other != base, name

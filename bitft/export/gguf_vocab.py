@@ -16,6 +16,7 @@ unknown hash is refused (never a guess); `--tokenizer-pre` overrides the detecti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -98,6 +99,17 @@ def bpe_vocab(folder: Path, n_vocab: int, tokenizer_pre: str | None):
     return tokens, types, pre
 
 
+@contextlib.contextmanager
+def _quiet_gguf_vocab():
+    """gguf-py's SpecialVocab logs warnings that are noise for bitft's use (errors still show)."""
+    log = logging.getLogger("gguf.vocab")
+    level, log.level = log.level, logging.ERROR
+    try:
+        yield
+    finally:
+        log.level = level
+
+
 @dataclass
 class GGUFVocab:
     """The tokenizer.* keys of an export: built (model, tokens, scores, types, flags) or copied (raw)."""
@@ -122,7 +134,8 @@ class GGUFVocab:
 
         if self.raw is not None:
             write_raw(writer, self.raw)
-            template = gguf.SpecialVocab(folder, n_vocab=0).chat_template  # the folder's: training may set it
+            with _quiet_gguf_vocab():  # n_vocab=0: it would call every special token id out of range
+                template = gguf.SpecialVocab(folder, n_vocab=0).chat_template  # the folder's: training may set it
             if template is not None:
                 writer.add_chat_template(template)
             return
@@ -132,12 +145,8 @@ class GGUFVocab:
         if self.scores is not None:
             writer.add_token_scores(self.scores)
         writer.add_token_types(self.types)
-        quiet = logging.getLogger("gguf.vocab")  # its warnings about transformers' pair templates are noise here
-        level, quiet.level = quiet.level, logging.ERROR
-        try:
+        with _quiet_gguf_vocab():  # its warnings about transformers' pair templates are noise here
             sv = gguf.SpecialVocab(folder, load_merges=self.model == "gpt2", n_vocab=len(self.tokens))
-        finally:
-            quiet.level = level
         sv.special_token_ids.update(self.special.get("ids", {}))
         sv.add_special_token.update(self.special.get("add", {}))
         sv.add_to_gguf(writer, quiet=True)
