@@ -33,8 +33,6 @@ from pathlib import Path
 
 from warmup_ablation import base_parser, evaluate, start, train, write
 
-from bitft.machine import cpu_line
-
 KD = ["--distill_alpha", "0.5", "--distill_temperature", "1"]
 VARIANTS = {  # name: (cost class, flags); every variant but plain starts at λ=1 unless it says ramp
     "plain": ("ramp", ["--learning_rate", "3e-4"]),
@@ -142,6 +140,8 @@ def main():
               "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['seed']} | {r['steps']} | {r['tokens']:,} | {r['tokens'] / (60 * r['cpu_minutes']):.0f} | "
               f"{r['cpu_minutes']:.2f} | {r['wall_minutes']:.2f} | {r['held_out_ppl']:,.0f} | {r['wikitext2_ppl']:,.0f} |" for r in finals]
+    from bitft.machine import cpu_line
+
     lines += ["", f"CPU s per step: {', '.join(f'{k} {v:.2f}' for k, v in costs.items())}. Machine: {cpu_line()}, {a.threads} threads. "
               f"WikiText-2: {a.ppl_windows} × {a.ppl_seqlen} tokens."]
     md = "\n".join(lines) + "\n"

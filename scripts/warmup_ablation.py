@@ -34,8 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-from bitft.machine import cpu_line
-
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 VARIANTS = ("abrupt", "linear", "sigmoid")
@@ -97,11 +95,12 @@ def evaluate(name: str, model: str, a, out: Path, env: dict, extra: list[str] = 
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     f = d / "ablation_eval.json"
-    settings = {"model": model, "tasks": a.tasks, "limit": a.limit, "ppl_windows": a.ppl_windows, "seqlen": a.ppl_seqlen}
+    settings = {"model": model, "tasks": a.tasks, "limit": a.limit, "ppl_windows": a.ppl_windows, "seqlen": a.ppl_seqlen,
+                "ppl_data": a.ppl_data}
     if f.is_file() and json.loads(f.read_text()).get("settings") == settings:  # (retraining deletes it)
         return json.loads(f.read_text())
     cmd = [str(BIN / "bitft"), "eval", model, "--ppl", "--windows", str(a.ppl_windows), "--seqlen", str(a.ppl_seqlen), "--tasks", *a.tasks,
-           "--limit", str(a.limit), "--json", "--no-progress", *extra]
+           "--limit", str(a.limit), "--json", "--no-progress", *(["--data", a.ppl_data] if a.ppl_data else []), *extra]
     run(cmd, env, d / "eval.out", d / "eval.log")
     r = json.loads((d / "eval.out").read_text()) | {"settings": settings}
     write(f, json.dumps(r, indent=1))
@@ -171,7 +170,7 @@ def table(runs: dict, evals: dict, a, machine: str, mid_step: int, mid_note: str
     n = next(iter(evals.values()))["tasks"][a.tasks[0]]["n"]
     lines += [
         "",
-        f"Held-out perplexity: λ = 1, on the recipe's held-out blocks ({a.config}); {mid_note}. Final checkpoints (`bitft eval`): PPL = WikiText-2, {a.ppl_windows} × "
+        f"Held-out perplexity: λ = 1, on the recipe's held-out blocks ({a.config}); {mid_note}. Final checkpoints (`bitft eval`): PPL = {a.ppl_data or 'WikiText-2'}, {a.ppl_windows} × "
         f"{a.ppl_seqlen} tokens; tasks: first {n} examples, acc in % (the seeds' table), one standard error "
         f"≈ ±{50 / math.sqrt(n):.1f} points at 50%. Machine: {machine}.",
         "",
@@ -199,6 +198,8 @@ def report(name: str, evals: dict, a, extra: list[str], out: Path, mid_step: int
     if len({c["tokens"] for c in runs.values()}) != 1:
         sys.exit(f"the variants saw different numbers of tokens: { {v: c['tokens'] for v, c in runs.items()} }")
     plot(runs, out / f"{name}.png")
+    from bitft.machine import cpu_line  # here: `import bitft` costs seconds (torch, transformers) a call that trains nothing
+
     md = table(runs, evals, a, cpu_line(), mid_step, mid_note)
     write(out / f"{name}.md", md)
     write(out / f"{name}.json", json.dumps({"settings": vars(a) | {"extra": extra}, "curves": runs, "evals": evals},
@@ -220,6 +221,7 @@ def base_parser(doc: str, variants, out: str) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=200, help="examples per task")
     p.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 windows")
     p.add_argument("--ppl-seqlen", type=int, default=2048, help="tokens per WikiText-2 window")
+    p.add_argument("--ppl-data", help="another text for the perplexity (bitft eval --data; default: WikiText-2 test)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=out)
     return p

@@ -200,10 +200,13 @@ def test_smollm2_wikitext_ppl_near_the_reference(smollm2):
 
 
 @pytest.mark.smollm2
-def test_smollm2_gguf_llama_cpp_agrees_with_transformers(smollm2_gguf, capsys):
+def test_smollm2_gguf_llama_cpp_agrees_with_transformers(smollm2_gguf, smollm2_folder, capsys):
+    """smollm2_folder is the GGUF dequantized by transformers (bitft.sources.load_gguf, saved once per machine):
+    the same weights as `bitft eval GGUF --backend transformers` (tested on a small GGUF above), without a
+    second dequantization of SmolLM2."""
     pytest.importorskip("llama_cpp")
-    args = ["eval", smollm2_gguf, "--ppl", "--seqlen", 512, "--limit", 1]
-    cpp = run_json_process(args)["perplexity"]["ppl"]
-    hf = run_json(capsys, [*args, "--backend", "transformers"])["perplexity"]["ppl"]
+    args = ["--ppl", "--seqlen", 512, "--limit", 1]
+    cpp = run_json_process(["eval", smollm2_gguf, *args])["perplexity"]["ppl"]
+    hf = run_json(capsys, ["eval", smollm2_folder, *args])["perplexity"]["ppl"]
     print(f"SmolLM2 Q4_1 GGUF, 1 window of 512: llama.cpp {cpp:.4f}, transformers (dequantized fp32) {hf:.4f}")
     assert cpp == pytest.approx(hf, rel=0.02)

@@ -32,7 +32,7 @@ from bitft.errors import ConfigError
 from bitft.train.resume import is_complete, newest_checkpoint
 from recipes import warmup_10B
 from test_warmup import (ACCELERATE, LAUNCHERS, MAX_STEPS, REPO, RECIPE, command, env, launch,  # noqa: F401
-                         reference, tiny_config, train_logs)
+                         reference, tiny_config, train_logs, zero_reference)
 
 for _stage in ("zero2", "zero3"):
     LAUNCHERS[f"{_stage}_1"] = ([ACCELERATE, "launch", "--config_file", str(REPO / f"configs/accelerate/{_stage}.yaml"),
@@ -323,17 +323,13 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(reference, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_zero_checkpoint_on_another_world_size(tmp_path, tiny_llama_folder, stage):
+def test_zero_checkpoint_on_another_world_size(tmp_path, tmp_path_factory, tiny_llama_folder, stage):
     """ZeRO partitions the optimizer state (ZeRO-3: the weights too) by process: 2 -> 1 process with
     accumulation 4, then back to 2, through DeepSpeed's universal checkpoint (converted once at resume)."""
-    pytest.importorskip("deepspeed")
-    ds = dict(per_device_train_batch_size=1, use_cpu=False, ddp_backend="gloo")
-    (tmp_path / "c2").mkdir()
+    config2, two, _ = zero_reference(tmp_path_factory, tiny_llama_folder, stage)  # the 2-process run, shared
     (tmp_path / "c1").mkdir()
-    config2 = tiny_config(tmp_path / "c2", tiny_llama_folder, **ds)
-    config1 = tiny_config(tmp_path / "c1", tiny_llama_folder, gradient_accumulation_steps=4, **ds)
-    launch(config2, launcher=stage, timeout=400)
-    two = tmp_path / "c2" / "run"
+    config1 = tiny_config(tmp_path / "c1", tiny_llama_folder, gradient_accumulation_steps=4, per_device_train_batch_size=1,
+                          use_cpu=False, ddp_backend="gloo")
     truncate_run(two, tmp_path / "to1", 6)
     r = launch(config1, "--output_dir", str(tmp_path / "to1"), launcher=f"{stage}_1", timeout=400)
     assert "holds ZeRO state of 2 processes, this launch has 1" in r.stdout + r.stderr

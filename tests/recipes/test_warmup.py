@@ -227,13 +227,24 @@ def test_two_processes_ddp_gloo(reference, tmp_path, tiny_llama_folder):
     assert_same_losses(tmp_path / "run", reference[1], rel=1e-4)
 
 
-@pytest.mark.slow
-def test_deepspeed_zero2_two_cpu_processes(reference, tmp_path, tiny_llama_folder):
-    """ZeRO-2 on CPU: accelerate's DeepSpeed state needs --ddp_backend gloo to count both processes."""
+def zero_reference(tmp_path_factory, tiny_llama_folder, stage: str):
+    """(config, output_dir, completed process) of the 2-process ZeRO-STAGE run (micro-batch 1 each: the
+    reference's tokens per step), launched once per test run: the tests below check it, test_cluster resumes
+    it on another world size."""
     pytest.importorskip("deepspeed")
-    config = tiny_config(tmp_path, tiny_llama_folder, per_device_train_batch_size=1, use_cpu=False, ddp_backend="gloo")
-    launch(config, launcher="zero2", timeout=400)
-    run = tmp_path / "run"
+
+    def build(d):
+        config = tiny_config(d, tiny_llama_folder, per_device_train_batch_size=1, use_cpu=False, ddp_backend="gloo")
+        return as_json(launch(config, launcher=stage, timeout=400))
+
+    folder, r = shared_once(tmp_path_factory, f"{stage}-reference", build)
+    return folder / "tiny.yaml", folder / "run", completed(r)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_cpu_processes(reference, tmp_path_factory, tiny_llama_folder):
+    """ZeRO-2 on CPU: accelerate's DeepSpeed state needs --ddp_backend gloo to count both processes."""
+    _, run, _ = zero_reference(tmp_path_factory, tiny_llama_folder, "zero2")
     results = json.loads((run / "warmup_results.json").read_text())
     assert results["world_size"] == 2 and results["engine"] == "DEEPSPEED"
     assert (run / f"checkpoint-{MAX_STEPS}" / f"global_step{MAX_STEPS}").is_dir()  # a DeepSpeed checkpoint
@@ -241,13 +252,10 @@ def test_deepspeed_zero2_two_cpu_processes(reference, tmp_path, tiny_llama_folde
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_two_cpu_processes(reference, tmp_path, tiny_llama_folder):
+def test_deepspeed_zero3_two_cpu_processes(reference, tmp_path_factory, tiny_llama_folder):
     """ZeRO-3 partitions the weights; BitLinear then caches no codes (a cache would hold every
     layer's gathered codes) and re-quantizes the re-gathered weight in the backward: same losses."""
-    pytest.importorskip("deepspeed")
-    config = tiny_config(tmp_path, tiny_llama_folder, per_device_train_batch_size=1, use_cpu=False, ddp_backend="gloo")
-    launch(config, launcher="zero3", timeout=400)
-    run = tmp_path / "run"
+    _, run, _ = zero_reference(tmp_path_factory, tiny_llama_folder, "zero3")
     results = json.loads((run / "warmup_results.json").read_text())
     assert results["world_size"] == 2 and results["engine"] == "DEEPSPEED"
     assert_same_losses(run, reference[1], rel=1e-4)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import DATA
+
 import pytest
 
 pytestmark = pytest.mark.slow  # trains three variants through accelerate launch
@@ -17,11 +19,19 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "warmup_ablation.py"
 
 
+def ppl_text(tmp_path) -> str:
+    """The first lines of WikiText-2 test: one 64-token window for the tiny tokenizer, without tokenizing the
+    whole 1.3 MB file (~700k of its tokens) in every evaluation."""
+    path = tmp_path / "wiki.raw"
+    path.write_text("\n".join((DATA / "eval" / "wikitext2_test.raw").read_text().splitlines()[:60]))
+    return str(path)
+
+
 def test_ablation_script_on_a_tiny_model(tiny_llama_folder, tmp_path):
     out = tmp_path / "ablation"
     cmd = [sys.executable, str(SCRIPT), "--model", str(tiny_llama_folder), "--out", str(out), "--steps", "6",
            "--eval-steps", "2", "--tasks", "piqa", "--limit", "4", "--ppl-windows", "1", "--ppl-seqlen", "64",
-           "--threads", "1",
+           "--ppl-data", ppl_text(tmp_path), "--threads", "1",
            # recipe flags, passed through to every run
            "--block_size", "32", "--eval_blocks", "4", "--per_device_train_batch_size", "2",
            "--per_device_eval_batch_size", "4", "--learning_rate", "1e-3"]
@@ -64,7 +74,7 @@ def test_distill_ablation_script_on_a_tiny_model(tiny_llama_folder, tmp_path):
     out = tmp_path / "distill"
     cmd = [sys.executable, str(REPO / "scripts" / "distill_ablation.py"), "--model", str(tiny_llama_folder),
            "--out", str(out), "--variants", "ce", "kd_attn", "--steps", "4", "--eval-steps", "2", "--tasks", "piqa",
-           "--limit", "4", "--ppl-windows", "1", "--ppl-seqlen", "64", "--threads", "1",
+           "--limit", "4", "--ppl-windows", "1", "--ppl-seqlen", "64", "--ppl-data", ppl_text(tmp_path), "--threads", "1",
            "--block_size", "32", "--eval_blocks", "4", "--per_device_train_batch_size", "2",
            "--per_device_eval_batch_size", "4", "--learning_rate", "1e-3", "--lambda_warmup_steps", "2"]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1")
