@@ -236,6 +236,35 @@ def as_json(r: subprocess.CompletedProcess) -> dict:
     return {"args": [str(a) for a in r.args], "returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
 
 
+_STOCK: dict = {}
+
+
+def stock_logits(ckpt, ids: torch.Tensor, tmp_path: Path, new_tokens: int = 0, layers: int | None = None) -> dict:
+    """CKPT loaded by stock transformers in a process that never imports bitft: {"logits", "linear_classes",
+    "greedy"} (scripts/stock_logits.py). One such process per test worker serves every call (`--serve`; a
+    fresh one costs ~5 s of imports); it is started again if it died."""
+    import atexit
+    import sys
+
+    proc = _STOCK.get("proc")
+    if proc is None or proc.poll() is not None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        log = open(Path(tmp_path).parent / f"stock-{os.getpid()}.log", "w")
+        proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "stock_logits.py"), "--serve"], text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, cwd=tmp_path)
+        _STOCK.update(proc=proc, log=log.name)
+        atexit.register(proc.kill)
+    torch.save(ids, tmp_path / "stock_ids.pt")
+    proc.stdin.write(json.dumps([str(ckpt), str(tmp_path / "stock_ids.pt"), str(tmp_path / "stock.pt"), new_tokens,
+                                 layers]) + "\n")
+    proc.stdin.flush()
+    reply = proc.stdout.readline().strip()
+    if reply != "ok":
+        raise AssertionError(f"stock transformers on {ckpt}: {reply or 'the process died'}\n"
+                             + Path(_STOCK["log"]).read_text()[-3000:])
+    return torch.load(tmp_path / "stock.pt")
+
+
 def machine_line() -> list:
     """Two lines for the test report's header: the CPU with its matmul flags, and the versions."""
     from bitft.machine import cpu_line, versions_line

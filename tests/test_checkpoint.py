@@ -1,9 +1,6 @@
 """`bitft convert` / `bitft info` end to end on tiny models: reload, stock transformers, bad input."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +9,8 @@ from transformers import AutoModelForCausalLM
 
 import bitft
 from bitft.cli import main
-from helpers import cli_refuses, tiny_model
+from helpers import cli_refuses, stock_logits, tiny_model
 
-HERE = Path(__file__).parent
 
 
 def convert_cli(*args):
@@ -53,14 +49,6 @@ def test_targets_are_recorded_and_reloaded(tiny_folder, tmp_path, tokens, arch):
         f"model.layers.{i}.{p}" for i in range(2) for p in ("mlp.down_proj", "self_attn.o_proj"))
     ref = bitft.convert_model(tiny_model(arch), targets=["mlp.down_proj", "o_proj"])
     assert torch.equal(model(tokens).logits, ref(tokens).logits)
-
-
-def stock_logits(ckpt, tokens, tmp_path):
-    torch.save(tokens, tmp_path / "tokens.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, HERE.parent / "scripts" / "stock_logits.py", ckpt, tmp_path / "tokens.pt", tmp_path / "stock.pt"],
-                   check=True, env=env, cwd=tmp_path)
-    return torch.load(tmp_path / "stock.pt")
 
 
 @pytest.mark.parametrize("subln", [False, True])

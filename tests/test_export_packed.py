@@ -1,9 +1,6 @@
 """`bitft export --packed`: pack/unpack exactness, stock transformers loads it and agrees, refusals."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +10,8 @@ from transformers.integrations.bitnet import pack_weights, unpack_weights
 import bitft
 from bitft.cli import main
 from bitft.quant import pack_ternary, unpack_ternary
-from helpers import cli_refuses, tiny_model
+from helpers import cli_refuses, stock_logits, tiny_model
 
-HERE = Path(__file__).parent
 SHAPES = [(4, 1), (4, 7), (8, 3), (12, 5), (64, 64), (128, 576), (1536, 576), (4, 3, 2), (16,)]
 
 
@@ -37,10 +33,7 @@ def test_pack_refuses_rows_not_divisible_by_4():
 
 
 def stock(ckpt, ids, tmp_path, new_tokens=0):
-    torch.save(ids, tmp_path / "ids.pt")
-    subprocess.run([sys.executable, HERE.parent / "scripts" / "stock_logits.py", ckpt, tmp_path / "ids.pt", tmp_path / "stock.pt",
-                    str(new_tokens)], check=True, cwd=tmp_path)
-    return torch.load(tmp_path / "stock.pt")
+    return stock_logits(ckpt, ids, tmp_path, new_tokens)
 
 
 def converted(tmp_path, arch="llama", subln=False, lam=1.0, config=None):

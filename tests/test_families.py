@@ -12,12 +12,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import REPO, bitnet_reference, cli_refuses, hf1bitllm_folder, llama_cpp_run, onebitllm_folder, tiny_model
+import helpers
+from helpers import bitnet_reference, cli_refuses, hf1bitllm_folder, llama_cpp_run, onebitllm_folder, tiny_model
 from safetensors.torch import load_file, save_file
 
 import bitft
@@ -35,12 +34,8 @@ def logits(model, ids=IDS):
 
 
 def stock_logits(folder, tmp_path):
-    """Logits of FOLDER loaded by stock transformers in a fresh process (no bitft)."""
-    torch.save(IDS, tmp_path / "ids.pt")
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "stock_logits.py"), str(folder), str(tmp_path / "ids.pt"),
-                        str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt")
+    """Logits of FOLDER loaded by stock transformers in a process that never imports bitft."""
+    return helpers.stock_logits(folder, IDS, tmp_path)
 
 
 def test_unused_and_missing_tensors_are_refused_naming_them(tmp_path, capsys):

@@ -1,8 +1,5 @@
 """The claims that tiny random models cannot prove, on the real SmolLM2-135M-Instruct."""
 
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import bitft
 from bitft.convert import convert_checkpoint
 from bitft.evaluate import perplexity, token_windows
-from helpers import DATA
+from helpers import DATA, stock_logits
 
 pytestmark = pytest.mark.smollm2  # and slow (tests/conftest.py)
-HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +47,7 @@ def test_convert_the_shipped_gguf_and_stock_transformers_agrees(smollm2_gguf, tm
     assert tok.chat_template and "<|im_start|>" in tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
-    torch.save(ids, tmp_path / "ids.pt")
-    subprocess.run([sys.executable, HERE.parent / "scripts" / "stock_logits.py", out, tmp_path / "ids.pt", tmp_path / "stock.pt"],
-                   check=True, cwd=tmp_path)
-    stock = torch.load(tmp_path / "stock.pt")
+    stock = stock_logits(out, ids, tmp_path)
     with torch.no_grad():
         ours = fresh(out)(ids).logits
     assert stock["linear_classes"] == ["AutoBitLinear", "Linear"]
@@ -84,11 +77,8 @@ def test_packed_export_of_smollm2_loads_in_stock_transformers(smollm2_folder, wi
     rows = dict(export_packed(ckpt, tmp_path / "packed"))
     assert rows["bits per linear weight"] == "2.000"
     ids = windows[:1, :64]
-    torch.save(ids, tmp_path / "ids.pt")
     for layers in (1, 2, 30):
-        subprocess.run([sys.executable, HERE.parent / "scripts" / "stock_logits.py", tmp_path / "packed", tmp_path / "ids.pt",
-                        tmp_path / "stock.pt", "0", str(layers)], check=True, cwd=tmp_path)
-        stock = torch.load(tmp_path / "stock.pt")
+        stock = stock_logits(tmp_path / "packed", ids, tmp_path, layers=layers)
         with torch.no_grad():
             ours = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, num_hidden_layers=layers)(ids).logits
         # bitft's λ=1 forward computes in the packed BitLinear's order: bit for bit at every depth
