@@ -57,10 +57,11 @@ def main(argv=None) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in rows:  # circles: E2E only; squares: block phase + E2E; diamonds: with block_equalize; color: seed
+        for i, r in enumerate(rows):  # circles: E2E only; squares: block phase + E2E; diamonds: with block_equalize; color: seed
             marker = "D" if r["equalize"] == "yes" else "s" if r["block_steps"] else "o"
             ax.scatter(r["minutes"], r["wikitext"], marker=marker, color="tab:blue" if r["seed"] == 1 else "tab:orange")
-            ax.annotate(r["run"], (r["minutes"], r["wikitext"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            ax.annotate(r["run"], (r["minutes"], r["wikitext"]), fontsize=7, xytext=(4, 2 if i % 2 else -10),
+                        textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel("minutes, all phases (2 threads)")
         ax.set_ylabel("WikiText-2 perplexity (4 × 2048, log)")
