@@ -58,6 +58,27 @@ def run(cmd: list[str], env: dict, stdout: Path, log: Path) -> None:
         sys.exit(f"failed (exit {code}); the last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
 
 
+def bitft_eval(argv: list[str], env: dict, stdout: Path, log: Path) -> None:
+    """`bitft ARGV` in this process (a fresh one per evaluation would spend seconds importing torch), with
+    ENV's threads and settings, its stdout in STDOUT and its stderr in LOG."""
+    import contextlib
+
+    os.environ.update({k: env[k] for k in ("HF_HUB_OFFLINE", "TORCHDYNAMO_DISABLE", "TOKENIZERS_PARALLELISM")})
+    import torch
+
+    from bitft.cli import main as bitft_main
+
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    print("$ bitft", " ".join(argv), f" > {stdout} 2> {log}", flush=True)
+    with open(stdout, "w") as out, open(log, "w") as err, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = bitft_main(argv)
+        except SystemExit as e:  # argparse's refusal of a flag
+            code = e.code
+    if code:
+        sys.exit(f"bitft eval failed (exit {code}); the last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
+
+
 def write(path: Path, text: str) -> None:
     """Write TEXT to PATH through a temporary file beside it: never a half-written result."""
     tmp = path.with_name(path.name + ".tmp")
@@ -99,9 +120,9 @@ def evaluate(name: str, model: str, a, out: Path, env: dict, extra: list[str] = 
                 "ppl_data": a.ppl_data}
     if f.is_file() and json.loads(f.read_text()).get("settings") == settings:  # (retraining deletes it)
         return json.loads(f.read_text())
-    cmd = [str(BIN / "bitft"), "eval", model, "--ppl", "--windows", str(a.ppl_windows), "--seqlen", str(a.ppl_seqlen), "--tasks", *a.tasks,
-           "--limit", str(a.limit), "--json", "--no-progress", *(["--data", a.ppl_data] if a.ppl_data else []), *extra]
-    run(cmd, env, d / "eval.out", d / "eval.log")
+    argv = ["eval", model, "--ppl", "--windows", str(a.ppl_windows), "--seqlen", str(a.ppl_seqlen), "--tasks", *a.tasks,
+            "--limit", str(a.limit), "--json", "--no-progress", *(["--data", a.ppl_data] if a.ppl_data else []), *extra]
+    bitft_eval(argv, env, d / "eval.out", d / "eval.log")
     r = json.loads((d / "eval.out").read_text()) | {"settings": settings}
     write(f, json.dumps(r, indent=1))
     return r

@@ -184,9 +184,12 @@ def test_recipe_kill_9_in_the_block_phase_then_relaunch_gives_the_same_losses(tm
         cmd = [sys.executable, "-c", KILLER, str(REPO / "recipes" / "warmup_10B.py"), "--config", str(config)]
         return subprocess.run(cmd, cwd=REPO, env={**env, "KILL_AT": str(kill_at)}, capture_output=True, text=True, timeout=300)
 
-    ref = recipe_config(tmp_path / "ref", folder)
+    # with the learned equalization on (the plain phase is this code without the scales; the in-process signal
+    # tests here and in test_equalize.py resume both): state.pt then holds the parametrized block and its scales
+    over = {"block_equalize": True, "block_equalize_learning_rate": 3e-2}
+    ref = recipe_config(tmp_path / "ref", folder, **over)
     assert launch(ref).returncode == 0
-    run = recipe_config(tmp_path / "kill", folder)
+    run = recipe_config(tmp_path / "kill", folder, **over)
     r = launch(run, kill_at=15)  # block 1, step 5 (its state written at step 4)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert torch.load(tmp_path / "kill" / "run" / "blockwise" / "state.pt", weights_only=False)["step"] == 4

@@ -1,14 +1,12 @@
 """Learned equalization in the block phase (bitft.train.equalize): folded scales keep the full-precision function
 (GQA, q/k/v and MLP biases), a block phase with it leaves plain blocks whose scales moved, a signal then a relaunch
-gives the same losses, and what cannot be folded exactly is refused in one line."""
+gives the same losses (kill -9 through the recipe: tests/test_blockwise.py, which runs with equalization on), and
+what cannot be folded exactly is refused in one line."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,9 +18,8 @@ from bitft.config import BlockwiseArguments
 from bitft.errors import ConfigError, Preempted
 from bitft.train import equalize
 from bitft.train.blockwise import reconstruct
-from helpers import REPO, TINY, tiny_model
-from test_blockwise import CFG, KILLER, args, ids, model_at_1, recipe_config
-from test_evaluate import tiny_folder_with_tokenizer
+from helpers import TINY, tiny_model
+from test_blockwise import CFG, args, ids, model_at_1
 
 EQ = {**CFG, "block_equalize": True, "block_equalize_learning_rate": 3e-2}
 
@@ -132,26 +129,3 @@ def test_what_cannot_be_folded_exactly_is_refused_in_one_line(tmp_path, case):
         reconstruct(model, ids(), BlockwiseArguments(**EQ), args(tmp_path))
     assert len(str(e.value).splitlines()) == 1 and str(e.value).endswith("set block_equalize: false")
     assert not any((tmp_path / "blockwise").iterdir())  # refused before any stream or state was written
-
-
-@pytest.mark.slow
-def test_recipe_kill_9_with_equalization_then_relaunch_gives_the_same_losses(tmp_path):
-    folder = tiny_folder_with_tokenizer(tmp_path / "m")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1")
-
-    def launch(config, kill_at=0):
-        cmd = [sys.executable, "-c", KILLER, str(REPO / "recipes" / "warmup_10B.py"), "--config", str(config)]
-        return subprocess.run(cmd, cwd=REPO, env={**env, "KILL_AT": str(kill_at)}, capture_output=True, text=True, timeout=300)
-
-    over = {"block_equalize": True, "block_equalize_learning_rate": 3e-2}
-    assert launch(recipe_config(tmp_path / "ref", folder, **over)).returncode == 0
-    run = recipe_config(tmp_path / "kill", folder, **over)
-    r = launch(run, kill_at=15)  # block 1, step 5 (its state written at step 4)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    r = launch(run)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming at block 1 step 4" in r.stdout + r.stderr
-    got, want = (json.loads((p / "run" / "blockwise" / "summary.json").read_text()) for p in (tmp_path / "kill", tmp_path / "ref"))
-    assert [b["losses"] for b in got["blocks"]] == [b["losses"] for b in want["blocks"]]
-    logs = [json.loads((p / "run" / "warmup_results.json").read_text()) for p in (tmp_path / "kill", tmp_path / "ref")]
-    assert logs[0]["after"]["eval_loss"] == logs[1]["after"]["eval_loss"]

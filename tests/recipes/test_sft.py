@@ -175,22 +175,28 @@ def test_lora_trains_adapters_on_bitlinear_and_reports_the_merge(tmp_path, tiny_
     assert math.isfinite(merged) and abs(merged - after) <= 0.01 * after
 
 
+def refused(capsys, config) -> tuple[int, str]:
+    """(exit status, stderr) of the recipe's entry point (`run_main`, what `python recipes/sft.py` runs), in this
+    process: these refusals come before any training."""
+    from bitft.errors import run_main
+
+    capsys.readouterr()
+    code = run_main(sft.main, "sft", ["--config", str(config)], exit_code=2)
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_no_chat_template_is_a_one_line_error(tmp_path, tiny_bitft):
-    config = sft_config(tmp_path, tiny_bitft, chat_template_path=None)
-    r = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(config)], cwd=REPO, env=env(),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    msg = r.stderr.strip().splitlines()[-1]
+def test_no_chat_template_is_a_one_line_error(tmp_path, tiny_bitft, capsys):
+    code, err = refused(capsys, sft_config(tmp_path, tiny_bitft, chat_template_path=None))
+    assert code == 2
+    msg = err.strip().splitlines()[-1]
     assert "has no chat template" in msg and "chat_template_path" in msg and ".jinja" in msg
 
 
 @pytest.mark.slow
-def test_unknown_key_is_an_error(tmp_path, tiny_bitft):
-    config = sft_config(tmp_path, tiny_bitft, assistant_only_los=True)
-    r = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(config)], cwd=REPO, env=env(),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "assistant_only_los" in r.stderr and "did you mean assistant_only_loss" in r.stderr
+def test_unknown_key_is_an_error(tmp_path, tiny_bitft, capsys):
+    code, err = refused(capsys, sft_config(tmp_path, tiny_bitft, assistant_only_los=True))
+    assert code == 2 and "assistant_only_los" in err and "did you mean assistant_only_loss" in err
 
 
 @pytest.mark.parametrize("path", ["configs/sft.yaml", "configs/demo/sft.yaml"])
