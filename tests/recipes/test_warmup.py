@@ -296,7 +296,8 @@ def test_shipped_configs_parse(path):
     if "demo" in path:
         assert tokens == 256 and args.max_steps == 110 and m.model_name_or_path == "smollm2"  # the studies' winner
         assert block.block_steps == 40 and block.block_calibration_blocks == 64  # docs/studies/blockwise.md
-        assert lam.lambda_warmup_steps == 0 and kd.distill_alpha == 1.0 and args.learning_rate == 1e-3
+        assert lam.lambda_warmup_steps == 0 and kd.distill_alpha == 1.0 and args.learning_rate == 5e-4  # after the block phase
+        assert not block.block_equalize  # neutral in the study, slower
         assert args.adam_beta2 == 0.95
     else:
         assert tokens * 8 == 2_097_152 and args.max_steps == 5000 and args.learning_rate == 1e-4
