@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from recipes import dpo
-from helpers import as_json, completed, shared_once
-from test_sft import ACCELERATE, REPO, SHARED, env, tiny_bitft, train_logs  # noqa: F401 (fixture)
+from test_sft import REPO, SHARED, launched_reference, tiny_bitft, train_logs  # noqa: F401 (fixture)
 
 DPO_DATA = SHARED / "data" / "dpo"
 MAX_STEPS = 6
@@ -45,15 +43,7 @@ def dpo_config(tmp_path, tiny_bitft, **over) -> Path:
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, tiny_bitft):
     """The real entry point, launched once per test run: (config, run dir, completed process)."""
-    def build(tmp):
-        r = subprocess.run([ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_cpu_threads_per_process", "1",
-                            str(REPO / "recipes" / "dpo.py"), "--config", str(dpo_config(tmp, tiny_bitft))],
-                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-4000:]
-        return as_json(r)
-
-    tmp, r = shared_once(tmp_path_factory, "dpo-reference", build)
-    return tmp / "dpo.yaml", tmp / "run", completed(r)
+    return launched_reference(tmp_path_factory, "dpo", lambda tmp: dpo_config(tmp, tiny_bitft))
 
 
 @pytest.mark.slow

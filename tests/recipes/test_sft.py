@@ -78,18 +78,24 @@ def train_logs(run) -> dict[int, dict]:
     return {h["step"]: h for h in json.loads((Path(run) / "trainer_state.json").read_text())["log_history"] if "loss" in h}
 
 
+def launched_reference(tmp_path_factory, recipe: str, make_config):
+    """recipes/RECIPE.py launched once per test run on MAKE_CONFIG(folder): (config, run dir, completed process)."""
+    def build(tmp):
+        config = make_config(tmp)
+        r = subprocess.run([ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_cpu_threads_per_process", "1",
+                            str(REPO / "recipes" / f"{recipe}.py"), "--config", str(config)],
+                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return {**as_json(r), "config": str(config)}
+
+    tmp, r = shared_once(tmp_path_factory, f"{recipe}-reference", build)
+    return Path(r["config"]), tmp / "run", completed(r)
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, tiny_bitft):
     """The real entry point, launched once per test run: (config, run dir, completed process)."""
-    def build(tmp):
-        r = subprocess.run([ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_cpu_threads_per_process", "1",
-                            str(REPO / "recipes" / "sft.py"), "--config", str(sft_config(tmp, tiny_bitft))],
-                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-4000:]
-        return as_json(r)
-
-    tmp, r = shared_once(tmp_path_factory, "sft-reference", build)
-    return tmp / "sft.yaml", tmp / "run", completed(r)
+    return launched_reference(tmp_path_factory, "sft", lambda tmp: sft_config(tmp, tiny_bitft))
 
 
 @pytest.mark.slow
