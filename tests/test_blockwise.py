@@ -80,16 +80,18 @@ def test_early_stop_keeps_the_best_weights(tmp_path):
     assert b["steps"] < 10 and b["held_out_after"] == min(b["held_out"])  # a learning rate that diverges stops early
 
 
-def test_a_signal_stops_after_the_step_and_the_relaunch_gives_the_same_losses(tmp_path, monkeypatch):
+def stopped_by_a_signal(tmp_path, monkeypatch, cfg: dict) -> tuple[dict, dict]:
+    """(the uninterrupted summary in TMP/ref, state.pt of TMP/run): SIGUSR1 at block 1, step 5 (after the save at
+    step 4); the phase must stop after that step with one Preempted line."""
     from bitft.train.preempt import PreemptionCallback
 
-    reference = reconstruct(model_at_1(), ids(), BlockwiseArguments(**CFG), args(tmp_path / "ref"))
+    reference = reconstruct(model_at_1(), ids(), BlockwiseArguments(**cfg), args(tmp_path / "ref"))
     real, count = torch.optim.AdamW.step, [0]
 
     def step(self, *a, **k):
         out = real(self, *a, **k)
         count[0] += 1
-        if count[0] == 15:  # block 1, step 5: after the save at step 4
+        if count[0] == 15:
             os.kill(os.getpid(), signal.SIGUSR1)
         return out
 
@@ -97,10 +99,15 @@ def test_a_signal_stops_after_the_step_and_the_relaunch_gives_the_same_losses(tm
     preempt = PreemptionCallback(["SIGUSR1"])
     try:
         with pytest.raises(Preempted, match="block 1 step 5"):
-            reconstruct(model_at_1(), ids(), BlockwiseArguments(**CFG), args(tmp_path / "run"), preempt)
+            reconstruct(model_at_1(), ids(), BlockwiseArguments(**cfg), args(tmp_path / "run"), preempt)
     finally:
         preempt.restore()
-    state = torch.load(tmp_path / "run" / "blockwise" / "state.pt", weights_only=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    return reference, torch.load(tmp_path / "run" / "blockwise" / "state.pt", weights_only=False)
+
+
+def test_a_signal_stops_after_the_step_and_the_relaunch_gives_the_same_losses(tmp_path, monkeypatch):
+    reference, state = stopped_by_a_signal(tmp_path, monkeypatch, CFG)
     assert (state["block"], state["step"]) == (1, 5)
     resumed = reconstruct(model_at_1(), ids(), BlockwiseArguments(**CFG), args(tmp_path / "run"))
     assert [b["losses"] for b in resumed["blocks"]] == [b["losses"] for b in reference["blocks"]]

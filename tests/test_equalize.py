@@ -5,8 +5,6 @@ what cannot be folded exactly is refused in one line."""
 
 from __future__ import annotations
 
-import os
-import signal
 
 import pytest
 import torch
@@ -15,11 +13,11 @@ from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig
 
 import bitft
 from bitft.config import BlockwiseArguments
-from bitft.errors import ConfigError, Preempted
+from bitft.errors import ConfigError
 from bitft.train import equalize
 from bitft.train.blockwise import reconstruct
 from helpers import TINY, tiny_model
-from test_blockwise import CFG, args, ids, model_at_1
+from test_blockwise import CFG, args, ids, model_at_1, stopped_by_a_signal
 
 EQ = {**CFG, "block_equalize": True, "block_equalize_learning_rate": 3e-2}
 
@@ -83,27 +81,7 @@ def test_block_phase_with_equalization_leaves_plain_blocks_whose_scales_moved(tm
 
 
 def test_a_signal_then_a_relaunch_gives_the_same_losses_with_the_scales(tmp_path, monkeypatch):
-    from bitft.train.preempt import PreemptionCallback
-
-    reference = reconstruct(model_at_1(), ids(), BlockwiseArguments(**EQ), args(tmp_path / "ref"))
-    real, count = torch.optim.AdamW.step, [0]
-
-    def step(self, *a, **k):
-        out = real(self, *a, **k)
-        count[0] += 1
-        if count[0] == 15:  # block 1, step 5: after the save at step 4
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return out
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    preempt = PreemptionCallback(["SIGUSR1"])
-    try:
-        with pytest.raises(Preempted, match="block 1 step 5"):
-            reconstruct(model_at_1(), ids(), BlockwiseArguments(**EQ), args(tmp_path / "run"), preempt)
-    finally:
-        preempt.restore()
-    monkeypatch.setattr(torch.optim.AdamW, "step", real)
-    state = torch.load(tmp_path / "run" / "blockwise" / "state.pt", weights_only=False)
+    reference, state = stopped_by_a_signal(tmp_path, monkeypatch, EQ)
     assert "equalize.t_o" in state["weights"] and "equalize.t_o" in state["best_weights"]
     with pytest.raises(ConfigError, match="block_equalize changed") as e:  # the other config: one line, nothing loaded
         reconstruct(model_at_1(), ids(), BlockwiseArguments(**CFG), args(tmp_path / "run"))
